@@ -81,6 +81,7 @@ struct Disk {
     sync_faults: Vec<Fault>,
     dir_sync_faults: Vec<Fault>,
     capacity: Option<u64>,
+    sync_delay: Duration,
     clock_secs: u64,
     stats: SimStats,
 }
@@ -127,6 +128,7 @@ impl SimStorage {
                 sync_faults: Vec::new(),
                 dir_sync_faults: Vec::new(),
                 capacity: None,
+                sync_delay: Duration::ZERO,
                 clock_secs: 1_700_000_000,
                 stats: SimStats::default(),
             })),
@@ -229,6 +231,12 @@ impl SimStorage {
     /// not fit writes what fits, then fails with `ENOSPC`.
     pub fn set_capacity(&self, bytes: Option<u64>) {
         self.disk().capacity = bytes;
+    }
+
+    /// Makes every file sync take at least `d` (like a slow disk), so that concurrent appends
+    /// pile up behind it.
+    pub fn set_sync_delay(&self, d: Duration) {
+        self.disk().sync_delay = d;
     }
 
     /// Bytes all live files hold together.
@@ -396,6 +404,10 @@ impl StorageFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let delay = self.disk().sync_delay;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         let mut d = self.disk();
         d.check_epoch(self.epoch)?;
         if !d.sync_faults.is_empty() {
