@@ -27,10 +27,7 @@ pub enum Fault {
 impl Fault {
     fn error(self, what: &str) -> io::Error {
         match self {
-            Fault::Eio => io::Error::new(
-                io::ErrorKind::Other,
-                format!("simulated EIO on {what} (input/output error)"),
-            ),
+            Fault::Eio => io::Error::other(format!("simulated EIO on {what} (input/output error)")),
             Fault::Enospc => io::Error::new(
                 io::ErrorKind::StorageFull,
                 format!("simulated ENOSPC on {what} (no space left on device)"),
@@ -324,8 +321,7 @@ impl Disk {
         if epoch == self.epoch {
             Ok(())
         } else {
-            Err(io::Error::new(
-                io::ErrorKind::Other,
+            Err(io::Error::other(
                 "simulated crash: this handle belongs to a process that no longer exists",
             ))
         }

@@ -47,6 +47,14 @@ pub trait StorageFile: Send + Sync + Debug {
     /// I/O errors.
     fn len(&self) -> io::Result<u64>;
 
+    /// True if the file holds no bytes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
     /// Cuts the file to `len` bytes.
     ///
     /// # Errors
