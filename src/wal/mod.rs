@@ -530,6 +530,11 @@ impl Wal {
                 len = off;
             }
             if i == last {
+                // A previous run may have written to the newest segment without a successful
+                // fsync (policy never/interval, or a failed commit before a reopen): make what
+                // recovery accepts durable before anything builds on it.
+                file.sync_data()
+                    .map_err(|e| WalError::io("fdatasync", format!("{where_}/{name}"), e))?;
                 reuse_newest = scan.corrupt.is_empty() && scan.header == recovery::HeaderState::Ok;
             }
             metrics.segments.fetch_add(1, Relaxed);

@@ -224,6 +224,14 @@ impl SimStorage {
             .extend(std::iter::repeat_n(fault, times));
     }
 
+    /// Cancels every injected fault that has not fired yet.
+    pub fn clear_faults(&self) {
+        let mut d = self.disk();
+        d.write_faults.clear();
+        d.sync_faults.clear();
+        d.dir_sync_faults.clear();
+    }
+
     /// Limits the bytes all files may hold together (`None`: unlimited). An append that does
     /// not fit writes what fits, then fails with `ENOSPC`.
     pub fn set_capacity(&self, bytes: Option<u64>) {
