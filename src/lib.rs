@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod inspect;
 pub mod wal;
 
 pub use wal::{RecordHandle, Wal, WalConfig, WalError, WalPosition};
