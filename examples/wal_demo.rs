@@ -23,8 +23,7 @@ fn arg<T: std::str::FromStr>(n: usize, default: T) -> T {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let dir: String = arg(1, "weir-data/wal-demo".to_owned());

@@ -181,6 +181,7 @@ fn check_frame(id: u64, buf: &[u8]) {
             assert!(FRAME_HEADER_LEN + len as usize <= buf.len());
         }
         Frame::Corrupt(FrameError::TooLong { .. }) => panic!("TooLong with max u32::MAX"),
+        Frame::Corrupt(FrameError::Zeroed) => assert_eq!(&buf[..FRAME_HEADER_LEN], &[0u8; 8]),
     }
     if buf.len() < FRAME_HEADER_LEN {
         for max in MAXES {

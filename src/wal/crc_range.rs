@@ -29,81 +29,72 @@ fn mult_mod(a: u32, mut b: u32) -> u32 {
     p
 }
 
-/// Precomputed `x^(2^k) mod P` for k in 0..64.
-fn x2k_table() -> [u32; 64] {
-    let mut t = [0u32; 64];
-    let mut p: u32 = 1 << 30; // x^1
-    for e in &mut t {
-        *e = p;
-        p = mult_mod(p, p);
-    }
-    t
-}
-
-/// Prefix checksums over one buffer, answering `crc(buf[a..b])` queries.
+/// Prefix checksums over one buffer, answering "checksum of some prefix followed by
+/// `buf[a..b]`" in O(1) multiplications.
 pub(crate) struct RangeCrc<'a> {
     buf: &'a [u8],
     /// `prefix[i] = crc(buf[0 .. i*STRIDE])`.
     prefix: Vec<u32>,
-    x2k: [u32; 64],
+    /// `shift[j][b] = x^(8 * b * 256^j) mod P`: multiplying by `x^(8n)` for any 32-bit `n`
+    /// takes at most four table entries.
+    shift: Box<[[u32; 256]; 4]>,
 }
+
+/// Ranges up to this long are hashed directly.
+const DIRECT: usize = 256;
 
 impl<'a> RangeCrc<'a> {
     pub(crate) fn new(buf: &'a [u8]) -> Self {
         let mut prefix = Vec::with_capacity(buf.len() / STRIDE + 1);
         let mut h = crc32fast::Hasher::new();
         prefix.push(0);
-        for chunk in buf.chunks(STRIDE) {
-            if chunk.len() < STRIDE {
-                break;
-            }
+        for chunk in buf.chunks_exact(STRIDE) {
             h.update(chunk);
             prefix.push(h.clone().finalize());
         }
-        Self {
-            buf,
-            prefix,
-            x2k: x2k_table(),
+        let mut shift = Box::new([[0u32; 256]; 4]);
+        // x^8, then x^(8*256), x^(8*256^2), x^(8*256^3) by repeated 256th powers.
+        let mut base: u32 = 1 << (31 - 8);
+        for table in shift.iter_mut() {
+            table[0] = 1 << 31; // x^0
+            for b in 1..256 {
+                table[b] = mult_mod(table[b - 1], base);
+            }
+            base = mult_mod(table[255], base);
         }
+        Self { buf, prefix, shift }
     }
 
     /// `x^(8n) mod P`.
-    fn x8n(&self, n: u64) -> u32 {
-        let mut p: u32 = 1 << 31; // x^0
-        let mut k = 3; // x^(2^3) = x^8
-        let mut n = n;
-        while n != 0 {
-            if n & 1 != 0 {
-                p = mult_mod(self.x2k[k & 63], p);
+    fn x8n(&self, n: u32) -> u32 {
+        let mut p = self.shift[0][(n & 0xff) as usize];
+        for j in 1..4 {
+            let b = ((n >> (8 * j)) & 0xff) as usize;
+            if b != 0 {
+                p = mult_mod(p, self.shift[j][b]);
             }
-            n >>= 1;
-            k += 1;
         }
         p
-    }
-
-    /// `crc(A‖B)` from `crc(A)`, `crc(B)` and `|B|`.
-    pub(crate) fn combine(&self, crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
-        mult_mod(self.x8n(len_b), crc_a) ^ crc_b
     }
 
     /// `crc(buf[0..i])`.
     fn prefix_crc(&self, i: usize) -> u32 {
         let k = (i / STRIDE).min(self.prefix.len() - 1);
-        let start = k * STRIDE;
         let mut h = crc32fast::Hasher::new_with_initial(self.prefix[k]);
-        h.update(&self.buf[start..i]);
+        h.update(&self.buf[k * STRIDE..i]);
         h.finalize()
     }
 
-    /// `crc(buf[a..b])`; `a <= b <= buf.len()`.
-    pub(crate) fn range(&self, a: usize, b: usize) -> u32 {
-        if b - a <= 2 * STRIDE {
-            return crc32fast::hash(&self.buf[a..b]);
+    /// `crc(X ‖ buf[a..b])` given `crc_x = crc(X)`; `a <= b <= buf.len()`, `b - a < 2^32`.
+    pub(crate) fn extend(&self, crc_x: u32, a: usize, b: usize) -> u32 {
+        if b - a <= DIRECT {
+            let mut h = crc32fast::Hasher::new_with_initial(crc_x);
+            h.update(&self.buf[a..b]);
+            return h.finalize();
         }
-        let pa = self.prefix_crc(a);
-        let pb = self.prefix_crc(b);
-        pb ^ mult_mod(self.x8n((b - a) as u64), pa)
+        // crc(X‖B) = x^(8|B|)·crc(X) ⊕ crc(B), and crc(B) = P(b) ⊕ x^(8|B|)·P(a).
+        let shift = self.x8n(u32::try_from(b - a).unwrap_or(u32::MAX));
+        mult_mod(shift, crc_x ^ self.prefix_crc(a)) ^ self.prefix_crc(b)
     }
 }
 
@@ -112,35 +103,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn range_checksums_match_direct_hashing() {
-        let buf: Vec<u8> = (0..5000u32)
+    fn extended_checksums_match_direct_hashing() {
+        let buf: Vec<u8> = (0..70_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let r = RangeCrc::new(&buf);
+        let head = b"segment id and length";
         for (a, b) in [
             (0, 0),
-            (0, 5000),
-            (1, 4999),
+            (0, 70_000),
+            (1, 69_999),
             (63, 64),
             (64, 1000),
             (100, 229),
+            (100, 357),
             (777, 4321),
             (4990, 5000),
+            (3, 65_539),
         ] {
-            assert_eq!(r.range(a, b), crc32fast::hash(&buf[a..b]), "range {a}..{b}");
+            let mut whole = head.to_vec();
+            whole.extend_from_slice(&buf[a..b]);
+            assert_eq!(
+                r.extend(crc32fast::hash(head), a, b),
+                crc32fast::hash(&whole),
+                "range {a}..{b}"
+            );
         }
-    }
-
-    #[test]
-    fn combine_matches_hashing_the_concatenation() {
-        let a = b"segment id and length";
-        let b: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
-        let r = RangeCrc::new(&[]);
-        let mut ab = a.to_vec();
-        ab.extend_from_slice(&b);
-        assert_eq!(
-            r.combine(crc32fast::hash(a), crc32fast::hash(&b), b.len() as u64),
-            crc32fast::hash(&ab)
-        );
     }
 }

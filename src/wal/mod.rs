@@ -566,7 +566,7 @@ impl Wal {
         let active = match active {
             Some((id, file, len)) if reuse_newest => writer::ActiveSegment { id, file, len },
             other => {
-                let next = other.map_or(1, |(id, _, _)| id + 1);
+                let next = codec::next_segment_id(other.map_or(0, |(id, _, _)| id));
                 writer::create_segment(&shared, next).map_err(WalError::from)?
             }
         };

@@ -21,7 +21,7 @@
 //!
 //! Everything else is damage: in `strict` mode recovery fails naming segment and offset; in
 //! `skip_corrupt` mode the damaged range is skipped up to the next intact record (found by
-//! [`next_intact_frame`]), and the records lost are counted exactly when the damaged range still
+//! `next_intact_frame`), and the records lost are counted exactly when the damaged range still
 //! parses as a chain of frames, otherwise reported as at least one.
 //!
 //! Two cases are ambiguous by nature, both confined to the final record of the newest segment:
@@ -225,15 +225,7 @@ fn length_field_is_the_damage(segment: u64, data: &[u8], rc: &RangeCrc<'_>, pos:
         if len as usize > data.len() - body {
             return false;
         }
-        let mut head = [0u8; 12];
-        head[..8].copy_from_slice(&segment.to_le_bytes());
-        head[8..].copy_from_slice(&len.to_le_bytes());
-        let crc = rc.combine(
-            crc32fast::hash(&head),
-            rc.range(body, body + len as usize),
-            u64::from(len),
-        );
-        crc == stored_crc
+        rc.extend(head_crc(segment, len), body, body + len as usize) == stored_crc
     };
     debug_assert_eq!(LENGTH_REPAIR_BITS, 3);
     (0..32).any(|i| {
@@ -245,11 +237,19 @@ fn length_field_is_the_damage(segment: u64, data: &[u8], rc: &RangeCrc<'_>, pos:
     })
 }
 
+/// CRC-32 of the part of a record's checksummed bytes before its payload.
+fn head_crc(segment: u64, len: u32) -> u32 {
+    let mut head = [0u8; 12];
+    head[..8].copy_from_slice(&segment.to_le_bytes());
+    head[8..].copy_from_slice(&len.to_le_bytes());
+    crc32fast::hash(&head)
+}
+
 /// The offset of the first intact frame starting at or after `from`, if any.
 ///
 /// Every offset is a candidate whose length field fits in the buffer; its checksum is computed
-/// from prefix checksums in O(log n) (see [`RangeCrc`]), so a scan over damaged data costs
-/// O(n log n), not O(n²).
+/// from prefix checksums with a few multiplications (see `RangeCrc`), so a scan over damaged
+/// data costs O(n), not O(n²).
 pub(crate) fn next_intact_frame(
     segment: u64,
     data: &[u8],
@@ -260,19 +260,13 @@ pub(crate) fn next_intact_frame(
     while y + FRAME_HEADER_LEN <= data.len() {
         let len = le_u32(&data[y..]) as usize;
         let end = y + FRAME_HEADER_LEN + len;
-        if end <= data.len() {
-            let stored = le_u32(&data[y + 4..]);
-            let mut head = [0u8; 12];
-            head[..8].copy_from_slice(&segment.to_le_bytes());
-            head[8..].copy_from_slice(&data[y..y + 4]);
-            let crc = rc.combine(
-                crc32fast::hash(&head),
-                rc.range(y + FRAME_HEADER_LEN, end),
-                len as u64,
-            );
-            if crc == stored {
-                return Some(y);
-            }
+        let stored = le_u32(&data[y + 4..]);
+        // An all-zero frame header is never a record (see `codec::decode_frame`).
+        if end <= data.len()
+            && !(len == 0 && stored == 0)
+            && rc.extend(head_crc(segment, len as u32), y + FRAME_HEADER_LEN, end) == stored
+        {
+            return Some(y);
         }
         y += 1;
     }

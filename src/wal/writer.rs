@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::codec::{encode_frame_header, encode_header, frame_size, SEGMENT_HEADER_LEN};
+use super::codec::{
+    encode_frame_header, encode_header, frame_size, next_segment_id, SEGMENT_HEADER_LEN,
+};
 use super::{segment_name, FsyncPolicy, RecordHandle, Result, SegmentInfo, Shared, WalError};
 
 /// One queued append.
@@ -265,7 +267,7 @@ impl Writer {
         self.sync_active()
             .map_err(|e| WriteFailure::Fatal(e.to_string()))?;
         self.publish_len();
-        let active = create_segment(&self.shared, self.active.id + 1)?;
+        let active = create_segment(&self.shared, next_segment_id(self.active.id))?;
         self.active = active;
         Ok(())
     }
