@@ -168,6 +168,29 @@ pub fn encode_frame_header(segment_id: u64, payload: &[u8]) -> [u8; FRAME_HEADER
     f
 }
 
+/// Encodes the frame header from the payload's length and its own CRC-32 (`crc32fast::hash`
+/// of the payload), so that the expensive part of the checksum can be computed before the
+/// segment id is known, on the appender's thread. Equal to [`encode_frame_header`].
+#[must_use]
+pub fn encode_frame_header_with_payload_crc(
+    segment_id: u64,
+    payload_len: usize,
+    payload_crc: u32,
+) -> [u8; FRAME_HEADER_LEN] {
+    let len = frame_len_field(payload_len);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&segment_id.to_le_bytes());
+    h.update(&len.to_le_bytes());
+    h.combine(&crc32fast::Hasher::new_with_initial_len(
+        payload_crc,
+        payload_len as u64,
+    ));
+    let mut f = [0u8; FRAME_HEADER_LEN];
+    f[0..4].copy_from_slice(&len.to_le_bytes());
+    f[4..8].copy_from_slice(&h.finalize().to_le_bytes());
+    f
+}
+
 /// Appends a whole frame (header and payload) to `out`.
 pub fn encode_frame(segment_id: u64, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&encode_frame_header(segment_id, payload));
@@ -335,6 +358,17 @@ mod tests {
                     "flip of byte {byte} bit {bit} went undetected"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn frame_header_from_the_payload_crc_is_the_same() {
+        for len in [0usize, 1, 100, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+            assert_eq!(
+                encode_frame_header_with_payload_crc(77, len, crc32fast::hash(&payload)),
+                encode_frame_header(77, &payload)
+            );
         }
     }
 

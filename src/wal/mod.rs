@@ -208,6 +208,9 @@ pub(crate) struct Queue {
     pub(crate) items: Vec<Pending>,
     pub(crate) closed: bool,
     pub(crate) fatal: Option<String>,
+    /// The writer is waiting for work: appenders wake it (otherwise they need not: it looks
+    /// at the queue again after every commit, and a wake-up is a system call).
+    pub(crate) writer_sleeping: bool,
 }
 
 pub(crate) struct Shared {
@@ -438,26 +441,14 @@ impl Wal {
             ..RecoveryReport::default()
         };
         let mut scans = Vec::with_capacity(ids.len());
-        let mut buf = Vec::new();
-        for (i, &id) in ids.iter().enumerate() {
-            let name = segment_name(id);
-            let file = storage
-                .open(&name)
-                .map_err(|e| WalError::io("open", format!("{where_}/{name}"), e))?;
-            let len = file
-                .len()
-                .map_err(|e| WalError::io("stat", format!("{where_}/{name}"), e))?;
-            buf.clear();
-            buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
-            file.read_exact_at(&mut buf, 0)
-                .map_err(|e| WalError::io("read", format!("{where_}/{name}"), e))?;
-            report.bytes_scanned += len;
-            let mut scan = recovery::scan_segment(id, &buf, i + 1 == ids.len());
+        for_each_segment(&*storage, &ids, |i, file, data| {
+            report.bytes_scanned += data.len() as u64;
+            let mut scan = recovery::scan_segment(ids[i], data, i + 1 == ids.len());
             report.records += scan.records.len() as u64;
             report.record_bytes += scan.record_bytes();
             scan.records = Vec::new();
             scans.push((scan, file));
-        }
+        })?;
         let corrupt: Vec<CorruptRegion> = scans
             .iter()
             .flat_map(|(s, _)| s.corrupt.iter().cloned())
@@ -592,10 +583,19 @@ impl Wal {
             millis = report.duration.as_millis() as u64,
             "WAL recovered"
         );
-        let w = Writer::new(Arc::clone(&shared), active);
+        let (acks_tx, acks_rx) = std::sync::mpsc::channel();
+        let completer = std::thread::Builder::new()
+            .name("weir-wal-acks".to_owned())
+            .spawn(move || writer::run_completer(acks_rx))
+            .map_err(|e| WalError::io("spawn completion thread for", where_.clone(), e))?;
+        let w = Writer::new(Arc::clone(&shared), active, acks_tx);
         let handle = std::thread::Builder::new()
             .name("weir-wal-writer".to_owned())
-            .spawn(move || w.run())
+            .spawn(move || {
+                w.run();
+                // The writer is gone (and with it the sender): the completer drains and ends.
+                let _ = completer.join();
+            })
             .map_err(|e| WalError::io("spawn writer thread for", where_, e))?;
         Ok((
             Wal {
@@ -625,8 +625,10 @@ impl Wal {
                 max,
             }));
         }
+        let payload_crc =
+            (payload.len() >= writer::CALLER_CRC_MIN).then(|| crc32fast::hash(&payload));
         let (tx, rx) = oneshot::channel();
-        {
+        let wake = {
             let mut q = self.shared.lock_queue();
             if let Some(msg) = &q.fatal {
                 return AppendFuture::ready(Err(WalError::Fatal(msg.clone())));
@@ -634,9 +636,16 @@ impl Wal {
             if q.closed {
                 return AppendFuture::ready(Err(WalError::Closed));
             }
-            q.items.push(Pending { payload, reply: tx });
+            q.items.push(Pending {
+                payload,
+                payload_crc,
+                reply: tx,
+            });
+            std::mem::take(&mut q.writer_sleeping)
+        };
+        if wake {
+            self.shared.queue_cond.notify_all();
         }
-        self.shared.queue_cond.notify_all();
         AppendFuture {
             state: AppendState::Waiting(rx),
         }
@@ -794,6 +803,62 @@ impl Drop for Wal {
             tracing::error!(error = %e, "WAL closed with an error");
         }
     }
+}
+
+/// Reads the segments `ids` whole, in order, and hands each to `visit(index, file, bytes)`.
+/// A helper thread reads one segment ahead, so that reading the next segment overlaps
+/// verifying this one; two buffers are recycled (never re-zeroed), so memory stays at two
+/// segments.
+fn for_each_segment(
+    storage: &dyn Storage,
+    ids: &[u64],
+    mut visit: impl FnMut(usize, Arc<dyn StorageFile>, &[u8]),
+) -> Result<()> {
+    type Read = (usize, Arc<dyn StorageFile>, Vec<u8>, usize);
+    let where_ = storage.describe();
+    let read_one = |i: usize, mut buf: Vec<u8>| -> Result<Read> {
+        let name = segment_name(ids[i]);
+        let path = || format!("{where_}/{name}");
+        let file = storage
+            .open(&name)
+            .map_err(|e| WalError::io("open", path(), e))?;
+        let len = file.len().map_err(|e| WalError::io("stat", path(), e))?;
+        let len = usize::try_from(len).map_err(|_| {
+            WalError::io(
+                "read",
+                path(),
+                std::io::Error::other("segment larger than memory"),
+            )
+        })?;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        file.read_exact_at(&mut buf[..len], 0)
+            .map_err(|e| WalError::io("read", path(), e))?;
+        Ok((i, file, buf, len))
+    };
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Read>>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for i in 0..ids.len() {
+                let buf = empty_rx.recv().unwrap_or_default();
+                let read = read_one(i, buf);
+                let failed = read.is_err();
+                if full_tx.send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let _ = empty_tx.send(Vec::new());
+        let _ = empty_tx.send(Vec::new());
+        for read in full_rx {
+            let (i, file, buf, len) = read?;
+            visit(i, file, &buf[..len]);
+            let _ = empty_tx.send(buf);
+        }
+        Ok(())
+    })
 }
 
 /// The position of the first byte of records in a segment.
