@@ -528,9 +528,9 @@ fn run_scenario(sc: &Scenario, o: &Opts, ticks: f64, fio: bool, t0: Instant) -> 
             (Some(bs), Some(first)) => {
                 // Room for fio to run 3x faster than the WAL for the whole window, within limits.
                 let wal_rate = first.d.disk_bytes() as f64 / first.secs;
-                let want = (wal_rate * o.secs * 3.0) as u64;
+                let want = (wal_rate * (o.secs + o.warmup) * 3.0) as u64;
                 let size = want.clamp((64u64 << 20).max(bs * 16), (8u64 << 30).max(bs * 16));
-                fio_write(bs, size / bs * bs, o.secs)
+                fio_write(bs, size / bs * bs, o.secs, o.warmup)
             }
             _ => Err("the WAL did no fsync in its window".to_owned()),
         };
@@ -623,8 +623,10 @@ fn fio_common(name: &str, dir: &Path) -> Vec<String> {
 }
 
 /// Sequential appends to a fresh file, `bs` bytes per write, fdatasync after every write,
-/// bounded by `secs` seconds and by `size` bytes.
-fn fio_write(bs: u64, size: u64, secs: f64) -> Result<FioWrite, String> {
+/// bounded by `secs` seconds and by `size` bytes, after `warmup` seconds that are not measured
+/// (as the WAL's are not: on this kind of VM the first second of a run is often faster, while
+/// the page cache reuses pages freed by the previous run).
+fn fio_write(bs: u64, size: u64, secs: f64, warmup: f64) -> Result<FioWrite, String> {
     let tmp = tempfile::tempdir_in(bench_dir()).map_err(|e| format!("temp dir: {e}"))?;
     let mut args = fio_common("walcmp", tmp.path());
     args.extend([
@@ -633,6 +635,7 @@ fn fio_write(bs: u64, size: u64, secs: f64) -> Result<FioWrite, String> {
         format!("--size={size}"),
         "--fdatasync=1".to_owned(),
         format!("--runtime={}", secs.ceil() as u64),
+        format!("--ramp_time={}", warmup.ceil() as u64),
         "--time_based=0".to_owned(),
         "--lat_percentiles=1".to_owned(),
         "--percentile_list=50:99".to_owned(),
