@@ -203,6 +203,7 @@ pub(crate) struct Segments {
     pins: BTreeMap<u64, usize>,
 }
 
+#[derive(Default)]
 pub(crate) struct Queue {
     pub(crate) items: Vec<Pending>,
     pub(crate) closed: bool,
@@ -210,21 +211,6 @@ pub(crate) struct Queue {
     /// The writer is waiting for work: appenders wake it (otherwise they need not: it looks
     /// at the queue again after every commit, and a wake-up is a system call).
     pub(crate) writer_sleeping: bool,
-    /// Queue length at which a sleeping writer wants to be woken (see the group-commit delay
-    /// in `writer.rs`); 1 when it is idle.
-    pub(crate) wake_at: usize,
-}
-
-impl Default for Queue {
-    fn default() -> Self {
-        Self {
-            items: Vec::new(),
-            closed: false,
-            fatal: None,
-            writer_sleeping: false,
-            wake_at: 1,
-        }
-    }
 }
 
 pub(crate) struct Shared {
@@ -655,11 +641,7 @@ impl Wal {
                 payload_crc,
                 reply: tx,
             });
-            let wake = q.writer_sleeping && q.items.len() >= q.wake_at;
-            if wake {
-                q.writer_sleeping = false;
-            }
-            wake
+            std::mem::take(&mut q.writer_sleeping)
         };
         if wake {
             self.shared.queue_cond.notify_all();

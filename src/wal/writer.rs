@@ -16,7 +16,7 @@
 
 use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,9 +26,7 @@ use super::codec::{
     encode_frame_header, encode_frame_header_with_payload_crc, encode_header, frame_size,
     next_segment_id, SEGMENT_HEADER_LEN,
 };
-use super::{
-    segment_name, FsyncPolicy, Queue, RecordHandle, Result, SegmentInfo, Shared, WalError,
-};
+use super::{segment_name, FsyncPolicy, RecordHandle, Result, SegmentInfo, Shared, WalError};
 
 /// One queued append.
 pub(crate) struct Pending {
@@ -125,9 +123,6 @@ pub(crate) struct Writer {
     /// Bytes written since the last fsync of the active segment.
     unsynced: bool,
     last_sync: Instant,
-    /// Appends in the last commit, and how long it took (for the group-commit delay).
-    last_batch: usize,
-    last_commit: Duration,
 }
 
 /// Why a write could not complete.
@@ -151,8 +146,6 @@ impl Writer {
             plan: WritePlan::default(),
             unsynced: false,
             last_sync: Instant::now(),
-            last_batch: 0,
-            last_commit: Duration::ZERO,
         }
     }
 
@@ -164,7 +157,7 @@ impl Writer {
         };
         loop {
             let batch = {
-                let mut q = self.wait_for_the_herd(self.shared.lock_queue());
+                let mut q = self.shared.lock_queue();
                 loop {
                     if !q.items.is_empty() {
                         break std::mem::take(&mut q.items);
@@ -200,30 +193,6 @@ impl Writer {
         }
     }
 
-    /// Adaptive group-commit delay. Appenders that wait for their acknowledgement come back
-    /// with their next record a moment after it; if the last commit served `n` of them and fewer
-    /// are queued now, wait (at most half the last commit's duration, capped at 1 ms) until
-    /// `n` are queued, so that one fsync serves all of them again. A lone appender (`n = 1`)
-    /// never waits.
-    fn wait_for_the_herd<'a>(&self, mut q: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
-        if self.last_batch <= 1 || q.items.len() >= self.last_batch {
-            return q;
-        }
-        let deadline = Instant::now() + (self.last_commit / 2).min(Duration::from_millis(1));
-        q.wake_at = self.last_batch;
-        while q.items.len() < self.last_batch && !q.closed && q.fatal.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            q.writer_sleeping = true;
-            q = self.shared.wait_queue_timeout(q, left);
-            q.writer_sleeping = false;
-        }
-        q.wake_at = 1;
-        q
-    }
-
     /// Final fsync on close (policies `interval` and `never` leave unsynced data behind).
     fn finish(&mut self) {
         if self.unsynced && self.shared.lock_queue().fatal.is_none() {
@@ -235,8 +204,6 @@ impl Writer {
 
     /// Writes, syncs and acknowledges one batch.
     fn commit(&mut self, batch: Vec<Pending>) {
-        let started = Instant::now();
-        self.last_batch = batch.len();
         let mut handles = Vec::with_capacity(batch.len());
         let seg_max = self.shared.config.segment_max_bytes;
         for p in &batch {
@@ -274,7 +241,6 @@ impl Writer {
             }
         }
         self.publish_len();
-        self.last_commit = started.elapsed();
         let m = &self.shared.metrics;
         m.group_commits.fetch_add(1, Relaxed);
         m.appends.fetch_add(batch.len() as u64, Relaxed);
