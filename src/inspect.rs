@@ -551,6 +551,20 @@ fn plural(n: u64, what: &str) -> String {
     }
 }
 
+/// One damaged region, for people: where, how much (with `what_happened`, e.g. " skipped"),
+/// records lost and why.
+fn damage(c: &CorruptRegion, what_happened: &str) -> String {
+    format!(
+        "segment {} ({}) offset {}: {}{what_happened}, {}: {}",
+        c.segment,
+        segment_name(c.segment),
+        c.offset,
+        plural(c.bytes, "byte"),
+        lost(c.records),
+        c.reason
+    )
+}
+
 fn lost(records: Option<u64>) -> String {
     match records {
         Some(n) => format!("{} lost", plural(n, "record")),
@@ -640,16 +654,7 @@ pub fn write_verify(report: &DirReport, out: &mut dyn Write) -> io::Result<()> {
             )?;
         }
         for c in &s.corrupt {
-            writeln!(
-                out,
-                "  DAMAGED: segment {} ({}) offset {}: {}, {}: {}",
-                c.segment,
-                segment_name(c.segment),
-                c.offset,
-                plural(c.bytes, "byte"),
-                lost(c.records),
-                c.reason
-            )?;
+            writeln!(out, "  DAMAGED: {}", damage(c, ""))?;
         }
         if let Some((off, bytes)) = s.torn_tail {
             writeln!(
@@ -750,16 +755,7 @@ pub fn write_dump_event(
                 to_hex(payload)
             ),
         },
-        DumpEvent::Damaged(c) => writeln!(
-            notes,
-            "warning: DAMAGED: segment {} ({}) offset {}: {} skipped, {}: {}",
-            c.segment,
-            segment_name(c.segment),
-            c.offset,
-            plural(c.bytes, "byte"),
-            lost(c.records),
-            c.reason
-        ),
+        DumpEvent::Damaged(c) => writeln!(notes, "warning: DAMAGED: {}", damage(c, " skipped")),
         DumpEvent::TornTail {
             segment,
             offset,
