@@ -168,7 +168,8 @@ pub fn scan_segment(segment: u64, data: &[u8], newest: bool) -> SegmentScan {
                     segment,
                     offset: pos as u64,
                     bytes: (end - pos) as u64,
-                    records: count_frames(data, pos, end),
+                    records: count_frames(data, pos, end)
+                        .or_else(|| one_frame_with_damaged_length(segment, data, rc, pos, end)),
                     reason: describe(&bad),
                 });
                 pos = end;
@@ -273,6 +274,20 @@ pub(crate) fn next_intact_frame(
     None
 }
 
+/// `Some(1)` if `data[from..to]` is exactly one record whose only damage is its length field
+/// (its checksum verifies with the length the range implies).
+fn one_frame_with_damaged_length(
+    segment: u64,
+    data: &[u8],
+    rc: &RangeCrc<'_>,
+    from: usize,
+    to: usize,
+) -> Option<u64> {
+    let len = u32::try_from(to.checked_sub(from + FRAME_HEADER_LEN)?).ok()?;
+    let stored = le_u32(&data[from + 4..]);
+    (rc.extend(head_crc(segment, len), from + FRAME_HEADER_LEN, to) == stored).then_some(1)
+}
+
 /// Counts frames in `data[from..to]` by following length fields; `None` unless they land
 /// exactly on `to`.
 fn count_frames(data: &[u8], from: usize, to: usize) -> Option<u64> {
@@ -375,9 +390,8 @@ mod tests {
                 let c = &s.corrupt[0];
                 assert_eq!(c.offset, offs[2] as u64);
                 assert_eq!(c.bytes, (offs[3] - offs[2]) as u64);
-                if byte >= offs[2] + 4 {
-                    assert_eq!(c.records, Some(1), "length intact: count is exact");
-                }
+                // Exact whether the length field is intact or is the only damage.
+                assert_eq!(c.records, Some(1));
                 assert!(s.torn_tail.is_none());
             }
         }
