@@ -423,6 +423,34 @@ fn recovery_is_idempotent_across_a_crash_during_recovery() {
 }
 
 #[test]
+fn a_segment_whose_creation_failed_is_made_durable_before_it_is_reused() {
+    // A roll creates the next segment (header written and fsynced), but the directory fsync
+    // fails: the log stops, and the new segment's name is not durable. The log is reopened
+    // without a crash and appends into that segment; what it acknowledges must survive a crash.
+    let disk = SimStorage::new();
+    let (wal, _) = Wal::open(Arc::new(disk.clone()), small_segments()).unwrap();
+    for i in 0..7 {
+        wal.append(payload(i, 500)).wait().unwrap();
+    }
+    let segments = wal.segments().len();
+    disk.fail_dir_syncs(Fault::Eio, 1);
+    let err = wal.append(payload(100, 3000)).wait().unwrap_err();
+    assert!(err.to_string().contains("directory"), "{err}");
+    drop(wal);
+    let (wal, _) = Wal::open(Arc::new(disk.clone()), small_segments()).unwrap();
+    assert_eq!(
+        wal.segments().len(),
+        segments + 1,
+        "the new segment is reused"
+    );
+    let h = wal.append(payload(200, 100)).wait().unwrap();
+    drop(wal);
+    disk.crash(Tear::None);
+    let (wal, _) = Wal::open(Arc::new(disk), small_segments()).unwrap();
+    assert_eq!(wal.read(h).unwrap(), payload(200, 100));
+}
+
+#[test]
 fn a_half_created_segment_is_removed_on_recovery() {
     let disk = SimStorage::new();
     let (wal, _) = Wal::open(Arc::new(disk.clone()), small_segments()).unwrap();

@@ -11,8 +11,8 @@
 //! - every reported damaged region contains a flipped byte (no invented damage).
 //!
 //! The two ambiguities of the format are honoured and checked precisely (see `recovery.rs`): a
-//! damaged final record of the newest segment may be reported as a torn tail instead of damage
-//! when the file ends in zeros over it (a zero-filled torn write looks the same), or when its
+//! damaged record of the newest segment that only damaged records follow may be reported as the
+//! start of a torn tail instead of damage when the file ends in zeros over it (a zero-filled torn write looks the same), or when its
 //! length field is damaged together with another part of it, or in more than three bits (a
 //! partial write looks the same).
 //!
@@ -339,11 +339,17 @@ impl Model {
                 .take_while(|(h, _)| h.segment == seg)
                 .map(|(h, _)| *h)
                 .collect();
-            for h in &swallowed {
+            for (i, h) in swallowed.iter().enumerate() {
                 prop_assert!(
                     self.damaged(h),
                     "an intact durable record {h:?} was truncated as a torn tail"
                 );
+                if i > 0 {
+                    // Damaged records after the one the tail starts at go with it.
+                    self.records.remove(h);
+                    continue;
+                }
+                prop_assert_eq!(h.offset, off, "a torn tail began inside a durable record");
                 let frame_end = h.offset + FRAME_HEADER + u64::from(h.len);
                 let zero_filled = zeros_from.is_some_and(|z| z < newest_len && z <= frame_end);
                 let len_field = h.offset..h.offset + 4;
@@ -448,7 +454,27 @@ impl Model {
             prop_assert_eq!(wal.read(r.handle).ok(), Some(r.payload.clone()));
         }
         let intact = self.records.keys().filter(|h| !self.damaged(h)).count();
-        prop_assert_eq!(seen, intact, "durable records missing after recovery");
+        if seen != intact {
+            let found: std::collections::BTreeSet<RecordHandle> = wal
+                .scan(WalPosition::START)
+                .filter_map(Result::ok)
+                .map(|r| r.handle)
+                .collect();
+            let missing: Vec<_> = self
+                .records
+                .keys()
+                .filter(|h| !self.damaged(h) && !found.contains(h))
+                .collect();
+            return Err(TestCaseError::fail(format!(
+                "durable records missing after recovery: {missing:?}; report: torn {:?}, \
+                 removed {:?}, corrupt {:?}; flips {:?}; segments {:?}",
+                report.torn_tails,
+                report.removed_segments,
+                report.corrupt,
+                self.flips,
+                wal.segments()
+            )));
+        }
         // Survivors are on disk now (the crash already happened); the rest are gone for good.
         self.records.extend(survivors);
         Ok(())

@@ -541,6 +541,13 @@ impl Wal {
             .corrupt_bytes
             .fetch_add(corrupt.iter().map(|c| c.bytes).sum(), Relaxed);
         report.corrupt = corrupt.clone();
+        // A previous run may have created a segment and died (or failed) before fsyncing the
+        // directory: make every segment name recovery accepts durable, or a crash could make
+        // records acknowledged from now on vanish with the name.
+        storage
+            .sync_dir()
+            .map_err(|e| WalError::io("fsync directory", where_.clone(), e))?;
+        metrics.dir_fsyncs.fetch_add(1, Relaxed);
 
         let shared = Arc::new(Shared {
             storage,

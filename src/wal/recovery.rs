@@ -24,10 +24,11 @@
 //! `next_intact_frame`), and the records lost are counted exactly when the damaged range still
 //! parses as a chain of frames, otherwise reported as at least one.
 //!
-//! Two cases are ambiguous by nature, both confined to the final record of the newest segment:
-//! damage to a record that is followed by zeros to the end of the file (a zero-filled torn write
-//! looks the same), and damage to both the length field and the rest of the record (a partial
-//! write looks the same). Such a record is truncated and reported as a torn tail (with its
+//! Two cases are ambiguous by nature, both at the end of the newest segment, where no intact
+//! record follows: damage to a record that is followed by zeros to the end of the file (a
+//! zero-filled torn write looks the same), and damage to the length field together with other
+//! damage to the record, or to more than three bits of it (a partial write looks the same).
+//! Such a record, and the damaged ones after it, are truncated and reported as a torn tail (with
 //! offset and size), never returned as data.
 
 use super::codec::{
