@@ -141,6 +141,9 @@ struct Scenario {
     name: String,
     payload: usize,
     appenders: usize,
+    /// Appenders are tokio tasks on a 2-worker runtime (how weir's receivers use the WAL)
+    /// instead of OS threads.
+    tasks: bool,
 }
 
 fn scenarios(bench: bool) -> Vec<Scenario> {
@@ -158,6 +161,19 @@ fn scenarios(bench: bool) -> Vec<Scenario> {
                 name: format!("append/{label}/x{appenders}"),
                 payload,
                 appenders,
+                tasks: false,
+            });
+        }
+    }
+    if bench {
+        // Many small appenders as async tasks: a thread wake-up per acknowledgement is the
+        // cost that dominates with OS threads, and tasks are how weir itself appends.
+        for &(payload, label) in &sizes[..2] {
+            v.push(Scenario {
+                name: format!("append-tasks/{label}/x64"),
+                payload,
+                appenders: 64,
+                tasks: true,
             });
         }
     }
@@ -396,6 +412,9 @@ fn run_append(sc: &Scenario, o: &Opts, ticks: f64) -> AppendRun {
     let phase = AtomicU8::new(WARMUP);
     let load_before = loadavg();
 
+    if sc.tasks {
+        return run_append_tasks(sc, o, ticks, wal, tmp, data, load_before);
+    }
     let (m0, m1, elapsed, cpu, mut lats) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..sc.appenders)
             .map(|_| {
@@ -440,6 +459,73 @@ fn run_append(sc: &Scenario, o: &Opts, ticks: f64) -> AppendRun {
     drop(wal);
     drop(tmp);
 
+    lats.sort_unstable();
+    AppendRun {
+        secs: elapsed,
+        d: Delta::between(&m0, &m1),
+        lats,
+        cpu_secs: cpu,
+        load: format!("{load_before} -> {}", loadavg()),
+    }
+}
+
+/// [`run_append`] with the appenders as tokio tasks.
+fn run_append_tasks(
+    sc: &Scenario,
+    o: &Opts,
+    ticks: f64,
+    wal: Wal,
+    tmp: tempfile::TempDir,
+    data: Bytes,
+    load_before: String,
+) -> AppendRun {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let wal = std::sync::Arc::new(wal);
+    let phase = std::sync::Arc::new(AtomicU8::new(WARMUP));
+    let tasks: Vec<_> = (0..sc.appenders)
+        .map(|_| {
+            let (wal, data, phase) = (wal.clone(), data.clone(), phase.clone());
+            rt.spawn(async move {
+                let mut lats: Vec<u64> = Vec::with_capacity(1 << 16);
+                loop {
+                    let ph = phase.load(Ordering::Acquire);
+                    if ph == STOP {
+                        break;
+                    }
+                    let t = Instant::now();
+                    if let Err(e) = wal.append(data.clone()).await {
+                        panic!("append failed: {e}");
+                    }
+                    if ph == MEASURE {
+                        lats.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                    }
+                }
+                lats
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(o.warmup));
+    let m0 = wal.metrics().snapshot();
+    let cpu0 = process_cpu_secs(ticks);
+    let t0 = Instant::now();
+    phase.store(MEASURE, Ordering::Release);
+    std::thread::sleep(Duration::from_secs_f64(o.secs));
+    phase.store(STOP, Ordering::Release);
+    let m1 = wal.metrics().snapshot();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = process_cpu_secs(ticks) - cpu0;
+    let mut lats = Vec::new();
+    for t in tasks {
+        lats.extend(rt.block_on(t).expect("appender task panicked"));
+    }
+    drop(rt);
+    wal.close().expect("close WAL");
+    drop(wal);
+    drop(tmp);
     lats.sort_unstable();
     AppendRun {
         secs: elapsed,
