@@ -4,6 +4,17 @@
 //! write-ahead log and fsynced before the source is acknowledged; a batch clock turns durable
 //! blocks into immutable batches. This crate currently provides the foundation: the
 //! write-ahead log ([`wal`]).
+//!
+//! ```
+//! use weir::wal::{Wal, WalConfig, WalPosition};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let (wal, _recovery) = Wal::open_dir(dir.path(), WalConfig::default())?;
+//! let handle = wal.append(b"hello".to_vec()).wait()?; // returns once fdatasync'ed
+//! assert_eq!(&wal.read(handle)?[..], b"hello");
+//! assert_eq!(wal.scan(WalPosition::START).count(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
