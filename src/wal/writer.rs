@@ -51,11 +51,15 @@ pub(crate) type Acks = Vec<(oneshot::Sender<Result<RecordHandle>>, Result<Record
 /// The completion thread's body: delivers acknowledgements until the writer goes away.
 pub(crate) fn run_completer(rx: std::sync::mpsc::Receiver<Acks>) {
     for acks in rx {
-        for (reply, result) in acks {
-            // A dropped receiver means the appender stopped waiting; the record is still in
-            // the log and will be seen by scans.
-            let _ = reply.send(result);
-        }
+        deliver(acks);
+    }
+}
+
+fn deliver(acks: Acks) {
+    for (reply, result) in acks {
+        // A dropped receiver means the appender stopped waiting; the record is still in the
+        // log and will be seen by scans.
+        let _ = reply.send(result);
     }
 }
 
@@ -264,7 +268,7 @@ impl Writer {
         } else {
             acks
         };
-        run_completer_inline(acks);
+        deliver(acks);
     }
 
     /// Makes the written length of the active segment visible to readers and scans.
@@ -332,16 +336,17 @@ impl Writer {
 
     fn fail_with(&mut self, failure: WriteFailure, batch: Vec<Pending>) {
         let mut q = self.shared.lock_queue();
-        let err = match failure {
+        // `None`: closed while waiting for disk space.
+        let fatal = match failure {
             WriteFailure::Fatal(msg) => {
                 tracing::error!(
                     error = %msg,
                     "WAL write or fsync failed: the log stops, pending and later appends fail; reopen to recover"
                 );
                 self.shared.metrics.fatal.store(1, Relaxed);
-                q.fatal.get_or_insert(msg).clone()
+                Some(q.fatal.get_or_insert(msg).clone())
             }
-            WriteFailure::Closed => "closed while waiting for disk space".to_owned(),
+            WriteFailure::Closed => None,
         };
         let rest = std::mem::take(&mut q.items);
         drop(q);
@@ -349,23 +354,13 @@ impl Writer {
             .into_iter()
             .chain(rest)
             .map(|p| {
-                let e = if err.starts_with("closed") {
-                    WalError::Closed
-                } else {
-                    WalError::Fatal(err.clone())
-                };
+                let e = fatal.clone().map_or(WalError::Closed, WalError::Fatal);
                 (p.reply, Err(e))
             })
             .collect();
         self.acknowledge(acks);
         // Drop what was planned: none of it is acknowledged.
         self.plan.clear();
-    }
-}
-
-fn run_completer_inline(acks: Acks) {
-    for (reply, result) in acks {
-        let _ = reply.send(result);
     }
 }
 
