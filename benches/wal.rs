@@ -439,16 +439,7 @@ fn run_append(sc: &Scenario, o: &Opts, ticks: f64) -> AppendRun {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_secs_f64(o.warmup));
-        let m0 = wal.metrics().snapshot();
-        let cpu0 = process_cpu_secs(ticks);
-        let t0 = Instant::now();
-        phase.store(MEASURE, Ordering::Release);
-        std::thread::sleep(Duration::from_secs_f64(o.secs));
-        phase.store(STOP, Ordering::Release);
-        let m1 = wal.metrics().snapshot();
-        let elapsed = t0.elapsed().as_secs_f64();
-        let cpu = process_cpu_secs(ticks) - cpu0;
+        let (m0, m1, elapsed, cpu) = measure_window(&wal, &phase, o, ticks);
         let mut all = Vec::new();
         for w in workers {
             all.extend(w.join().expect("appender thread panicked"));
@@ -467,6 +458,30 @@ fn run_append(sc: &Scenario, o: &Opts, ticks: f64) -> AppendRun {
         cpu_secs: cpu,
         load: format!("{load_before} -> {}", loadavg()),
     }
+}
+
+/// Lets the appenders warm up, then measures one window: metrics before and after, seconds,
+/// CPU seconds. Sets `phase` to `MEASURE` for the window and to `STOP` after it.
+fn measure_window(
+    wal: &Wal,
+    phase: &AtomicU8,
+    o: &Opts,
+    ticks: f64,
+) -> (WalMetricsSnapshot, WalMetricsSnapshot, f64, f64) {
+    std::thread::sleep(Duration::from_secs_f64(o.warmup));
+    let m0 = wal.metrics().snapshot();
+    let cpu0 = process_cpu_secs(ticks);
+    let t0 = Instant::now();
+    phase.store(MEASURE, Ordering::Release);
+    std::thread::sleep(Duration::from_secs_f64(o.secs));
+    phase.store(STOP, Ordering::Release);
+    let m1 = wal.metrics().snapshot();
+    (
+        m0,
+        m1,
+        t0.elapsed().as_secs_f64(),
+        process_cpu_secs(ticks) - cpu0,
+    )
 }
 
 /// [`run_append`] with the appenders as tokio tasks.
@@ -508,16 +523,7 @@ fn run_append_tasks(
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs_f64(o.warmup));
-    let m0 = wal.metrics().snapshot();
-    let cpu0 = process_cpu_secs(ticks);
-    let t0 = Instant::now();
-    phase.store(MEASURE, Ordering::Release);
-    std::thread::sleep(Duration::from_secs_f64(o.secs));
-    phase.store(STOP, Ordering::Release);
-    let m1 = wal.metrics().snapshot();
-    let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = process_cpu_secs(ticks) - cpu0;
+    let (m0, m1, elapsed, cpu) = measure_window(&wal, &phase, o, ticks);
     let mut lats = Vec::new();
     for t in tasks {
         lats.extend(rt.block_on(t).expect("appender task panicked"));
