@@ -533,6 +533,32 @@ fn skip_corrupt_reports_exactly_what_was_lost_and_keeps_the_rest() {
 }
 
 #[test]
+fn scans_step_over_adjacent_damaged_records() {
+    let disk = SimStorage::new();
+    let cfg = WalConfig {
+        recovery: RecoveryMode::SkipCorrupt,
+        ..WalConfig::default()
+    };
+    let (wal, _) = Wal::open(Arc::new(disk.clone()), cfg.clone()).unwrap();
+    let hs: Vec<_> = (0..6)
+        .map(|i| wal.append(payload(i, 50 + i)).wait().unwrap())
+        .collect();
+    drop(wal);
+    // Two neighbours, each with a damaged length field (their extents are recovered).
+    for h in &hs[2..4] {
+        assert!(disk.flip_bit(&segment_name(h.segment), h.offset, 0));
+    }
+    let (wal, report) = Wal::open(Arc::new(disk), cfg).unwrap();
+    assert_eq!(report.corrupt.len(), 2, "{:?}", report.corrupt);
+    assert_eq!(report.records_lost(), 2);
+    let back: Vec<_> = wal
+        .scan(WalPosition::START)
+        .map(|r| r.unwrap().handle)
+        .collect();
+    assert_eq!(back, [hs[0], hs[1], hs[4], hs[5]]);
+}
+
+#[test]
 fn cleanup_deletes_old_segments_but_never_the_active_or_a_pinned_one() {
     on_both(|storage| {
         let (wal, _) = Wal::open(Arc::clone(&storage), small_segments()).unwrap();

@@ -327,6 +327,24 @@ impl Model {
         for &(seg, off, bytes) in &report.torn_tails {
             prop_assert_eq!(Some(seg), newest);
             prop_assert_eq!(off + bytes, newest_len);
+            // A tail may begin inside a durable record only where that record's length field
+            // is damaged (recovery then cannot know where it ends).
+            let straddling = self
+                .records
+                .keys()
+                .find(|h| h.segment == seg && h.offset < off && off < h.next_position().offset)
+                .copied();
+            if let Some(h) = straddling {
+                let len_bits: u32 = self
+                    .flips
+                    .range((seg, h.offset)..(seg, h.offset + 4))
+                    .map(|(_, m)| m.count_ones())
+                    .sum();
+                prop_assert!(
+                    len_bits > 0,
+                    "a torn tail at {off} began inside durable record {h:?} with an intact length"
+                );
+            }
             let swallowed: Vec<RecordHandle> = self
                 .records
                 .range(
@@ -373,7 +391,7 @@ impl Model {
             }
             self.flips.retain(|(s, o), _| !(*s == seg && *o >= off));
         }
-        // Every damaged region holds a flip; exact counts are exact.
+        // Every damaged region holds a flip; counts of one-bit damage are exact.
         let mut extra = 0;
         for c in &report.corrupt {
             let end = c.offset + c.bytes;
@@ -384,7 +402,18 @@ impl Model {
                     .is_some(),
                 "reported damage {c:?} where nothing was flipped"
             );
-            if let Some(n) = c.records {
+            let flipped_bits: u32 = self
+                .flips
+                .range((c.segment, c.offset)..(c.segment, end))
+                .map(|(_, m)| m.count_ones())
+                .sum();
+            // Counts are exact when the damage is one flipped bit (confined to one record);
+            // with more, they are estimates from damaged length fields.
+            if flipped_bits == 1 {
+                let header = c.offset == 0 && c.bytes == SEGMENT_HEADER;
+                prop_assert_eq!(c.records, Some(u64::from(!header)), "region {:?}", c);
+            }
+            if let (Some(n), 1) = (c.records, flipped_bits) {
                 let inside = self
                     .records
                     .keys()

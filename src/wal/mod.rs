@@ -177,7 +177,8 @@ impl RecoveryReport {
             .sum()
     }
 
-    /// True if every lost-record count is exact.
+    /// True if every damaged region's record count is known (see [`CorruptRegion::records`]:
+    /// exact when the damage is confined to one record).
     #[must_use]
     pub fn records_lost_exact(&self) -> bool {
         self.corrupt.iter().all(|c| c.records.is_some())

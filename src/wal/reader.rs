@@ -143,9 +143,9 @@ impl WalScan {
         };
     }
 
-    /// Steps over a region skipped by recovery, if `pos` is at one.
+    /// Steps over regions skipped by recovery (adjacent ones included), if `pos` is at one.
     fn skip_known_damage(&mut self) {
-        if let Some(r) = self
+        while let Some(r) = self
             .shared
             .skipped
             .iter()

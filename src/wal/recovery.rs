@@ -21,8 +21,9 @@
 //!
 //! Everything else is damage: in `strict` mode recovery fails naming segment and offset; in
 //! `skip_corrupt` mode the damaged range is skipped up to the next intact record (found by
-//! `next_intact_frame`), and the records lost are counted exactly when the damaged range still
-//! parses as a chain of frames, otherwise reported as at least one.
+//! `next_intact_frame`). Bytes lost are exact; records lost are exact when the damage is
+//! confined to one record, estimated from the range's length fields when it spans several, and
+//! reported as "at least one" when those do not chain.
 //!
 //! Two cases are ambiguous by nature, both at the end of the newest segment, where no intact
 //! record follows: damage to a record that is followed by zeros to the end of the file (a
@@ -32,7 +33,8 @@
 //! offset and size), never returned as data.
 
 use super::codec::{
-    decode_frame, decode_header, le_u32, Frame, HeaderError, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+    decode_frame, decode_header, le_u32, Frame, FrameError, HeaderError, FRAME_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use super::crc_range::RangeCrc;
 
@@ -54,8 +56,11 @@ pub struct CorruptRegion {
     pub offset: u64,
     /// Damaged bytes (up to the next intact record or the end of the file).
     pub bytes: u64,
-    /// Records lost in the range: exact when the range still parses as a chain of frames,
-    /// `None` when record boundaries were destroyed (then at least one).
+    /// Records lost in the range. Exact when the damage is confined to one record (a damaged
+    /// payload or checksum, or a damaged length field, which the checksum then proves);
+    /// otherwise what the length fields in the range say (damaged data themselves, so a best
+    /// estimate), and `None` when they do not even chain to the end of the range (then at
+    /// least one).
     pub records: Option<u64>,
     /// What was wrong at `offset`.
     pub reason: String,
@@ -160,17 +165,33 @@ pub fn scan_segment(segment: u64, data: &[u8], newest: bool) -> SegmentScan {
             bad => {
                 let rc = resync.get_or_insert_with(|| RangeCrc::new(data));
                 let next = next_intact_frame(segment, data, rc, pos + 1);
-                if next.is_none() && newest && is_torn_tail(segment, data, rc, pos, &bad) {
+                // A record whose only damage is its length field: its extent is known.
+                let repaired = repaired_frame_end(segment, data, rc, pos)
+                    .filter(|&e| next.is_none_or(|n| e <= n));
+                if repaired.is_none() && next.is_none() && newest && is_torn_tail(data, pos, &bad) {
                     scan.torn_tail = Some((pos as u64, (data.len() - pos) as u64));
                     break;
                 }
-                let end = next.unwrap_or(data.len());
+                let end = match (repaired, next, &bad) {
+                    (Some(end), _, _) | (None, Some(end), _) => end,
+                    // Nothing intact follows a complete damaged record at the end of the newest
+                    // segment: the record is the damage, and what follows it may be a torn
+                    // write (a crash after the damage): examine that on its own.
+                    (None, None, Frame::Corrupt(FrameError::Checksum { len, .. }))
+                        if newest && pos + FRAME_HEADER_LEN + (*len as usize) < data.len() =>
+                    {
+                        pos + FRAME_HEADER_LEN + *len as usize
+                    }
+                    (None, None, _) => data.len(),
+                };
                 scan.corrupt.push(CorruptRegion {
                     segment,
                     offset: pos as u64,
                     bytes: (end - pos) as u64,
-                    records: count_frames(data, pos, end)
-                        .or_else(|| one_frame_with_damaged_length(segment, data, rc, pos, end)),
+                    records: repaired
+                        .map(|_| 1)
+                        .or_else(|| one_frame_with_damaged_length(segment, data, rc, pos, end))
+                        .or_else(|| count_frames(data, pos, end)),
                     reason: describe(&bad),
                 });
                 pos = end;
@@ -191,13 +212,11 @@ fn describe(bad: &Frame<'_>) -> String {
     }
 }
 
-/// Is the damage at `pos` (with nothing intact after it) a torn write? See the module docs.
-fn is_torn_tail(segment: u64, data: &[u8], rc: &RangeCrc<'_>, pos: usize, bad: &Frame<'_>) -> bool {
+/// Is the damage at `pos` (with nothing intact after it, and no repairable length) a torn
+/// write? See the module docs.
+fn is_torn_tail(data: &[u8], pos: usize, bad: &Frame<'_>) -> bool {
     match bad {
-        Frame::Incomplete { frame_len: None } => true,
-        Frame::Incomplete { frame_len: Some(_) } => {
-            !length_field_is_the_damage(segment, data, rc, pos)
-        }
+        Frame::Incomplete { .. } => true,
         Frame::Corrupt(_) => {
             let len = le_u32(&data[pos..]) as usize;
             let frame_end = pos + FRAME_HEADER_LEN + len;
@@ -215,27 +234,33 @@ fn is_torn_tail(segment: u64, data: &[u8], rc: &RangeCrc<'_>, pos: usize, bad: &
 /// and ask (it never drops data).
 const LENGTH_REPAIR_BITS: u32 = 3;
 
-/// True if changing at most [`LENGTH_REPAIR_BITS`] bits of the length field at `pos` gives a
-/// frame that verifies: the record is complete and intact except for its length (damage, not
-/// a torn write).
-fn length_field_is_the_damage(segment: u64, data: &[u8], rc: &RangeCrc<'_>, pos: usize) -> bool {
+/// If changing at most [`LENGTH_REPAIR_BITS`] bits of the length field at `pos` gives a frame
+/// that verifies, the end of that frame: the record is complete and intact except for its
+/// length (damage, not a torn write).
+fn repaired_frame_end(segment: u64, data: &[u8], rc: &RangeCrc<'_>, pos: usize) -> Option<usize> {
+    if pos + FRAME_HEADER_LEN > data.len() {
+        return None;
+    }
     let stored_len = le_u32(&data[pos..]);
     let stored_crc = le_u32(&data[pos + 4..]);
+    if stored_len == 0 && stored_crc == 0 {
+        return None; // zeroed space, not a damaged length
+    }
     let body = pos + FRAME_HEADER_LEN;
     let fits = |mask: u32| {
         let len = stored_len ^ mask;
-        if len as usize > data.len() - body {
-            return false;
-        }
-        rc.extend(head_crc(segment, len), body, body + len as usize) == stored_crc
+        let end = body + len as usize;
+        (end <= data.len() && rc.extend(head_crc(segment, len), body, end) == stored_crc)
+            .then_some(end)
     };
     debug_assert_eq!(LENGTH_REPAIR_BITS, 3);
-    (0..32).any(|i| {
-        fits(1 << i)
-            || (i + 1..32).any(|j| {
+    (0..32).find_map(|i| {
+        fits(1 << i).or_else(|| {
+            (i + 1..32).find_map(|j| {
                 fits((1 << i) | (1 << j))
-                    || (j + 1..32).any(|k| fits((1 << i) | (1 << j) | (1 << k)))
+                    .or_else(|| (j + 1..32).find_map(|k| fits((1 << i) | (1 << j) | (1 << k))))
             })
+        })
     })
 }
 
@@ -430,6 +455,23 @@ mod tests {
             assert!(s.torn_tail.is_none(), "bits {bits:?}");
             assert_eq!(s.corrupt.len(), 1, "bits {bits:?}");
         }
+    }
+
+    #[test]
+    fn a_torn_write_after_a_damaged_last_record_is_still_a_torn_tail() {
+        let p = payloads();
+        let refs: Vec<&[u8]> = p.iter().map(Vec::as_slice).collect();
+        let (mut data, offs) = segment(4, &refs);
+        let last = *offs.last().unwrap();
+        // Damage the second-to-last record, then cut the last one short (a crash).
+        data[offs[4] + 12] ^= 1;
+        data.truncate(last + 20);
+        let s = scan_segment(4, &data, true);
+        assert_eq!(s.corrupt.len(), 1);
+        assert_eq!(s.corrupt[0].offset, offs[4] as u64);
+        assert_eq!(s.corrupt[0].bytes, (last - offs[4]) as u64);
+        assert_eq!(s.corrupt[0].records, Some(1));
+        assert_eq!(s.torn_tail, Some((last as u64, 20)));
     }
 
     #[test]
