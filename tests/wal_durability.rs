@@ -280,6 +280,9 @@ impl Model {
                 .map_or(0, |c| c.len() as u64)
         });
         let zeros_from = newest.map(|s| self.zeros_from(s));
+        let newest_bytes = newest
+            .and_then(|s| self.disk.contents(&segment_name(s)))
+            .unwrap_or_default();
 
         let report: RecoveryReport =
             match Wal::open(Arc::new(self.disk.clone()), config(RecoveryMode::Strict)) {
@@ -369,7 +372,10 @@ impl Model {
                 }
                 prop_assert_eq!(h.offset, off, "a torn tail began inside a durable record");
                 let frame_end = h.offset + FRAME_HEADER + u64::from(h.len);
-                let zero_filled = zeros_from.is_some_and(|z| z < newest_len && z <= frame_end);
+                // Zero-filled: the file ends in zeros over the record, or the damaged record
+                // itself ends in a zero byte (it would, once what follows it is cut off).
+                let zero_filled = zeros_from.is_some_and(|z| z < newest_len && z <= frame_end)
+                    || newest_bytes.get(frame_end as usize - 1) == Some(&0);
                 let len_field = h.offset..h.offset + 4;
                 let flipped: Vec<u64> = self
                     .flips

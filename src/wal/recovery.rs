@@ -26,8 +26,8 @@
 //! reported as "at least one" when those do not chain.
 //!
 //! Two cases are ambiguous by nature, both at the end of the newest segment, where no intact
-//! record follows: damage to a record that is followed by zeros to the end of the file (a
-//! zero-filled torn write looks the same), and damage to the length field together with other
+//! record follows: damage to a record that ends in zeros or is followed by zeros to the end of
+//! the file (a zero-filled torn write looks the same), and damage to the length field together with other
 //! damage to the record, or to more than three bits of it (a partial write looks the same).
 //! Such a record, and the damaged ones after it, are truncated and reported as a torn tail (with
 //! offset and size), never returned as data.
@@ -168,22 +168,30 @@ pub fn scan_segment(segment: u64, data: &[u8], newest: bool) -> SegmentScan {
                 // A record whose only damage is its length field: its extent is known.
                 let repaired = repaired_frame_end(segment, data, rc, pos)
                     .filter(|&e| next.is_none_or(|n| e <= n));
-                if repaired.is_none() && next.is_none() && newest && is_torn_tail(data, pos, &bad) {
+                // Nothing intact follows a complete damaged record at the end of the newest
+                // segment: the record is the damage, and what follows it may be a torn write
+                // (a crash after the damage), examined on its own.
+                let damaged_then_rest = match (&bad, repaired, next) {
+                    (Frame::Corrupt(FrameError::Checksum { len, .. }), None, None) if newest => {
+                        Some(pos + FRAME_HEADER_LEN + *len as usize).filter(|&e| e < data.len())
+                    }
+                    _ => None,
+                };
+                // Torn if it looks torn now, or would once the rest is cut off (so that a
+                // second recovery agrees with the first).
+                if repaired.is_none()
+                    && next.is_none()
+                    && newest
+                    && (is_torn_tail(data, pos, &bad)
+                        || damaged_then_rest.is_some_and(|e| is_torn_tail(&data[..e], pos, &bad)))
+                {
                     scan.torn_tail = Some((pos as u64, (data.len() - pos) as u64));
                     break;
                 }
-                let end = match (repaired, next, &bad) {
-                    (Some(end), _, _) | (None, Some(end), _) => end,
-                    // Nothing intact follows a complete damaged record at the end of the newest
-                    // segment: the record is the damage, and what follows it may be a torn
-                    // write (a crash after the damage): examine that on its own.
-                    (None, None, Frame::Corrupt(FrameError::Checksum { len, .. }))
-                        if newest && pos + FRAME_HEADER_LEN + (*len as usize) < data.len() =>
-                    {
-                        pos + FRAME_HEADER_LEN + *len as usize
-                    }
-                    (None, None, _) => data.len(),
-                };
+                let end = repaired
+                    .or(next)
+                    .or(damaged_then_rest)
+                    .unwrap_or(data.len());
                 scan.corrupt.push(CorruptRegion {
                     segment,
                     offset: pos as u64,
