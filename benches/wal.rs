@@ -415,7 +415,7 @@ fn run_append(sc: &Scenario, o: &Opts, ticks: f64) -> AppendRun {
     if sc.tasks {
         return run_append_tasks(sc, o, ticks, wal, tmp, data, load_before);
     }
-    let (m0, m1, elapsed, cpu, mut lats) = std::thread::scope(|s| {
+    let (m0, m1, elapsed, cpu, lats) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..sc.appenders)
             .map(|_| {
                 let (wal, data, phase) = (&wal, &data, &phase);
@@ -449,15 +449,7 @@ fn run_append(sc: &Scenario, o: &Opts, ticks: f64) -> AppendRun {
     wal.close().expect("close WAL");
     drop(wal);
     drop(tmp);
-
-    lats.sort_unstable();
-    AppendRun {
-        secs: elapsed,
-        d: Delta::between(&m0, &m1),
-        lats,
-        cpu_secs: cpu,
-        load: format!("{load_before} -> {}", loadavg()),
-    }
+    AppendRun::new(elapsed, &m0, &m1, lats, cpu, &load_before)
 }
 
 /// Lets the appenders warm up, then measures one window: metrics before and after, seconds,
@@ -482,6 +474,27 @@ fn measure_window(
         t0.elapsed().as_secs_f64(),
         process_cpu_secs(ticks) - cpu0,
     )
+}
+
+impl AppendRun {
+    /// One run's figures; sorts the latencies.
+    fn new(
+        secs: f64,
+        m0: &WalMetricsSnapshot,
+        m1: &WalMetricsSnapshot,
+        mut lats: Vec<u64>,
+        cpu_secs: f64,
+        load_before: &str,
+    ) -> Self {
+        lats.sort_unstable();
+        AppendRun {
+            secs,
+            d: Delta::between(m0, m1),
+            lats,
+            cpu_secs,
+            load: format!("{load_before} -> {}", loadavg()),
+        }
+    }
 }
 
 /// [`run_append`] with the appenders as tokio tasks.
@@ -532,14 +545,7 @@ fn run_append_tasks(
     wal.close().expect("close WAL");
     drop(wal);
     drop(tmp);
-    lats.sort_unstable();
-    AppendRun {
-        secs: elapsed,
-        d: Delta::between(&m0, &m1),
-        lats,
-        cpu_secs: cpu,
-        load: format!("{load_before} -> {}", loadavg()),
-    }
+    AppendRun::new(elapsed, &m0, &m1, lats, cpu, &load_before)
 }
 
 /// All rounds of one scenario.
