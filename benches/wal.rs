@@ -409,12 +409,11 @@ fn run_append(sc: &Scenario, o: &Opts, ticks: f64) -> AppendRun {
     )
     .expect("open WAL");
     let data = payload(sc.payload);
-    let phase = AtomicU8::new(WARMUP);
     let load_before = loadavg();
-
     if sc.tasks {
         return run_append_tasks(sc, o, ticks, wal, tmp, data, load_before);
     }
+    let phase = AtomicU8::new(WARMUP);
     let (m0, m1, elapsed, cpu, lats) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..sc.appenders)
             .map(|_| {
