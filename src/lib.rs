@@ -18,7 +18,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod batch;
+pub mod block;
 pub mod inspect;
+pub mod rate;
+pub mod stream;
+pub mod tracker;
 pub mod wal;
 
+pub use batch::{Batch, BatchError, Partitioned};
+pub use stream::{
+    ClockMode, EngineError, JobError, MetricsRegistry, RunningContext, StopReport, StreamingConfig,
+    StreamingContext,
+};
 pub use wal::{RecordHandle, Wal, WalConfig, WalError, WalPosition};
+pub use weir_receiver as receiver;
+pub use weir_receiver::{Checkpoint, Position, Receiver, ReceiverContext, ReceiverError, Record};

@@ -1,0 +1,344 @@
+//! [`Batch`]: an immutable, partitioned view of the records of one batch interval (or of a window
+//! of recent batches). Partitions are blocks; operations process partitions in parallel (rayon),
+//! reading each block from the in-memory cache or, when it is gone, from the WAL with checksum
+//! verification.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use weir_receiver::Record;
+
+use crate::block::codec::DecodedBlock;
+use crate::block::BlockSource;
+use crate::tracker::BlockRef;
+
+/// A block of the batch could not be read (corrupt or missing WAL record, I/O error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("batch {time}: {message}")]
+pub struct BatchError {
+    /// The batch's time.
+    pub time: u64,
+    /// What went wrong, naming the block.
+    pub message: String,
+}
+
+/// The records of one batch (or window), partitioned by block.
+#[derive(Clone)]
+pub struct Batch {
+    time: u64,
+    times: Arc<[u64]>,
+    blocks: Arc<[BlockRef]>,
+    source: Arc<BlockSource>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("time", &self.time)
+            .field("times", &self.times)
+            .field("partitions", &self.blocks.len())
+            .field("records", &self.count())
+            .finish()
+    }
+}
+
+impl Batch {
+    pub(crate) fn new(
+        time: u64,
+        times: Arc<[u64]>,
+        blocks: Arc<[BlockRef]>,
+        source: Arc<BlockSource>,
+    ) -> Self {
+        Batch {
+            time,
+            times,
+            blocks,
+            source,
+        }
+    }
+
+    /// The batch time, ms since the Unix epoch (a multiple of the batch interval, normally).
+    /// Outputs should key what they write by it: a batch re-run after a crash has the same time
+    /// and the same records.
+    pub fn time(&self) -> u64 {
+        self.time
+    }
+
+    /// The batch times this view covers, oldest first: one for a batch, up to N for a window.
+    pub fn times(&self) -> &[u64] {
+        &self.times
+    }
+
+    /// Number of partitions (blocks).
+    pub fn num_partitions(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The blocks, in log order.
+    pub fn blocks(&self) -> &[BlockRef] {
+        &self.blocks
+    }
+
+    /// Number of records (from block metadata; reads nothing).
+    pub fn count(&self) -> u64 {
+        self.blocks.iter().map(|b| u64::from(b.records)).sum()
+    }
+
+    /// True if the batch holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.count() == 0
+    }
+
+    fn load(&self, i: usize) -> Result<DecodedBlock, BatchError> {
+        self.source
+            .load(&self.blocks[i])
+            .map_err(|message| BatchError {
+                time: self.time,
+                message,
+            })
+    }
+
+    fn decode_err(&self, i: usize, e: impl std::fmt::Display) -> BatchError {
+        let h = self.blocks[i].handle;
+        BatchError {
+            time: self.time,
+            message: format!("block {}@{}: {e}", h.segment, h.offset),
+        }
+    }
+
+    /// The records of partition `i`, in the order they were stored.
+    ///
+    /// # Errors
+    /// [`BatchError`] if the block cannot be read.
+    ///
+    /// # Panics
+    /// If `i >= num_partitions()`.
+    pub fn partition(&self, i: usize) -> Result<Vec<Record>, BatchError> {
+        self.load(i)?.to_vec().map_err(|e| self.decode_err(i, e))
+    }
+
+    /// Runs `f` over every partition's records in parallel; results in partition order.
+    ///
+    /// # Errors
+    /// [`BatchError`] if a block cannot be read.
+    pub fn map_partitions<T, F>(&self, f: F) -> Result<Vec<T>, BatchError>
+    where
+        T: Send,
+        F: Fn(&mut dyn Iterator<Item = Record>) -> T + Sync + Send,
+    {
+        (0..self.blocks.len())
+            .into_par_iter()
+            .map(|i| {
+                let block = self.load(i)?;
+                let mut err = None;
+                let mut it = block.records().map_while(|r| match r {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        err = Some(e);
+                        None
+                    }
+                });
+                let out = f(&mut it);
+                drop(it);
+                match err {
+                    Some(e) => Err(self.decode_err(i, e)),
+                    None => Ok(out),
+                }
+            })
+            .collect()
+    }
+
+    /// Every record, in log order.
+    ///
+    /// # Errors
+    /// [`BatchError`] if a block cannot be read.
+    pub fn collect(&self) -> Result<Vec<Record>, BatchError> {
+        Ok(self.map_partitions(|it| it.collect::<Vec<_>>())?.concat())
+    }
+
+    /// Applies `f` to every record.
+    ///
+    /// # Errors
+    /// [`BatchError`] if a block cannot be read.
+    pub fn map<T, F>(&self, f: F) -> Result<Partitioned<T>, BatchError>
+    where
+        T: Send,
+        F: Fn(Record) -> T + Sync + Send,
+    {
+        Ok(Partitioned {
+            parts: self.map_partitions(|it| it.map(&f).collect())?,
+        })
+    }
+
+    /// Keeps the records for which `f` is true.
+    ///
+    /// # Errors
+    /// [`BatchError`] if a block cannot be read.
+    pub fn filter<F>(&self, f: F) -> Result<Partitioned<Record>, BatchError>
+    where
+        F: Fn(&Record) -> bool + Sync + Send,
+    {
+        Ok(Partitioned {
+            parts: self.map_partitions(|it| it.filter(&f).collect())?,
+        })
+    }
+
+    /// Maps every record to any number of values.
+    ///
+    /// # Errors
+    /// [`BatchError`] if a block cannot be read.
+    pub fn flat_map<T, I, F>(&self, f: F) -> Result<Partitioned<T>, BatchError>
+    where
+        T: Send,
+        I: IntoIterator<Item = T>,
+        F: Fn(Record) -> I + Sync + Send,
+    {
+        Ok(Partitioned {
+            parts: self.map_partitions(|it| it.flat_map(&f).collect())?,
+        })
+    }
+
+    /// Maps every record to a key and value, and combines the values of each key with `reduce`
+    /// (partition by partition in parallel, then across partitions).
+    ///
+    /// # Errors
+    /// [`BatchError`] if a block cannot be read.
+    pub fn reduce_by_key<K, V, KV, R>(&self, kv: KV, reduce: R) -> Result<HashMap<K, V>, BatchError>
+    where
+        K: Eq + Hash + Send,
+        V: Send,
+        KV: Fn(Record) -> (K, V) + Sync + Send,
+        R: Fn(V, V) -> V + Sync + Send,
+    {
+        let parts = self.map_partitions(|it| combine(it.map(&kv), &reduce))?;
+        Ok(merge(parts, &reduce))
+    }
+}
+
+fn combine<K: Eq + Hash, V>(
+    it: impl Iterator<Item = (K, V)>,
+    reduce: &(impl Fn(V, V) -> V + ?Sized),
+) -> HashMap<K, V> {
+    let mut m: HashMap<K, V> = HashMap::new();
+    for (k, v) in it {
+        match m.remove(&k) {
+            Some(old) => m.insert(k, reduce(old, v)),
+            None => m.insert(k, v),
+        };
+    }
+    m
+}
+
+fn merge<K: Eq + Hash, V>(
+    parts: Vec<HashMap<K, V>>,
+    reduce: &(impl Fn(V, V) -> V + ?Sized),
+) -> HashMap<K, V> {
+    let mut it = parts.into_iter();
+    let mut acc = it.next().unwrap_or_default();
+    for m in it {
+        acc = combine(acc.into_iter().chain(m), reduce);
+    }
+    acc
+}
+
+/// The result of a transformation: values, still partitioned (partition `i` came from block `i`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitioned<T> {
+    parts: Vec<Vec<T>>,
+}
+
+impl<T: Send + Sync> Partitioned<T> {
+    /// Wraps partitions.
+    pub fn from_partitions(parts: Vec<Vec<T>>) -> Self {
+        Partitioned { parts }
+    }
+
+    /// The partitions.
+    pub fn partitions(&self) -> &[Vec<T>] {
+        &self.parts
+    }
+
+    /// Number of values.
+    pub fn count(&self) -> usize {
+        self.parts.iter().map(Vec::len).sum()
+    }
+
+    /// Every value, partition by partition.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.parts.iter().flatten()
+    }
+
+    /// Every value, partition by partition.
+    pub fn collect(self) -> Vec<T> {
+        self.parts.into_iter().flatten().collect()
+    }
+
+    /// Applies `f` to every value (partitions in parallel).
+    pub fn map<U: Send, F: Fn(T) -> U + Sync + Send>(self, f: F) -> Partitioned<U> {
+        Partitioned {
+            parts: self
+                .parts
+                .into_par_iter()
+                .map(|p| p.into_iter().map(&f).collect())
+                .collect(),
+        }
+    }
+
+    /// Keeps the values for which `f` is true.
+    pub fn filter<F: Fn(&T) -> bool + Sync + Send>(self, f: F) -> Partitioned<T> {
+        Partitioned {
+            parts: self
+                .parts
+                .into_par_iter()
+                .map(|p| p.into_iter().filter(&f).collect())
+                .collect(),
+        }
+    }
+
+    /// Maps every value to any number of values.
+    pub fn flat_map<U: Send, I: IntoIterator<Item = U>, F: Fn(T) -> I + Sync + Send>(
+        self,
+        f: F,
+    ) -> Partitioned<U> {
+        Partitioned {
+            parts: self
+                .parts
+                .into_par_iter()
+                .map(|p| p.into_iter().flat_map(&f).collect())
+                .collect(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Send + Sync, V: Send + Sync> Partitioned<(K, V)> {
+    /// Combines the values of each key with `reduce`.
+    pub fn reduce_by_key<R: Fn(V, V) -> V + Sync + Send>(self, reduce: R) -> HashMap<K, V> {
+        let parts: Vec<HashMap<K, V>> = self
+            .parts
+            .into_par_iter()
+            .map(|p| combine(p.into_iter(), &reduce))
+            .collect();
+        merge(parts, &reduce)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitioned_operations_compose() {
+        let p = Partitioned::from_partitions(vec![vec![1, 2, 3], vec![], vec![4, 5]]);
+        assert_eq!(p.count(), 5);
+        let q = p.clone().map(|x| x * 10).filter(|x| *x != 20);
+        assert_eq!(q.partitions(), &[vec![10, 30], vec![], vec![40, 50]]);
+        let r = p
+            .clone()
+            .flat_map(|x| std::iter::repeat_n(x, x as usize % 2));
+        assert_eq!(r.collect(), vec![1, 3, 5]);
+        let counts = p.map(|x| (x % 2, x)).reduce_by_key(|a, b| a + b);
+        assert_eq!(counts, HashMap::from([(0, 6), (1, 9)]));
+    }
+}

@@ -1,0 +1,524 @@
+//! The engine's counters and gauges, and a registry that lists them all (for the daemon's
+//! Prometheus endpoint, logs, tests and benchmarks).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use crate::wal::WalMetrics;
+
+/// Whether a value only grows (counter) or goes up and down (gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only grows.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+/// One reading of one metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Prometheus-style name (`weir_...`).
+    pub name: &'static str,
+    /// One line of help.
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// Label pairs, e.g. `("receiver", "orders")`.
+    pub labels: Vec<(&'static str, String)>,
+    /// The value.
+    pub value: f64,
+}
+
+/// Per-receiver counters.
+#[derive(Debug, Default)]
+pub struct ReceiverMetrics {
+    pub(crate) records_received: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) records_stored: AtomicU64,
+    pub(crate) bytes_stored: AtomicU64,
+    pub(crate) blocks_stored: AtomicU64,
+    pub(crate) store_failures: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) errors_reported: AtomicU64,
+    pub(crate) pending_bytes: AtomicU64,
+    pub(crate) rate_limit: AtomicU64,
+    pub(crate) throttled_us: AtomicU64,
+    pub(crate) backpressure_waits: AtomicU64,
+    pub(crate) running: AtomicU64,
+}
+
+impl ReceiverMetrics {
+    /// Records handed to `store()` (counter).
+    pub fn records_received(&self) -> u64 {
+        self.records_received.load(Relaxed)
+    }
+    /// Records whose `store()` resolved durable (counter).
+    pub fn records_stored(&self) -> u64 {
+        self.records_stored.load(Relaxed)
+    }
+    /// Blocks made durable (counter).
+    pub fn blocks_stored(&self) -> u64 {
+        self.blocks_stored.load(Relaxed)
+    }
+    /// Restarts by the supervisor (counter).
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Relaxed)
+    }
+    /// Errors the receiver reported with `report_error` (counter).
+    pub fn errors_reported(&self) -> u64 {
+        self.errors_reported.load(Relaxed)
+    }
+    /// Bytes accepted but not yet durable (gauge).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes.load(Relaxed)
+    }
+    /// `store()` calls that waited because `max_pending_bytes` was reached (counter).
+    pub fn backpressure_waits(&self) -> u64 {
+        self.backpressure_waits.load(Relaxed)
+    }
+    /// Time `store()` calls waited for the rate limit, µs (counter).
+    pub fn throttled_us(&self) -> u64 {
+        self.throttled_us.load(Relaxed)
+    }
+    /// Current rate limit in records/s, 0 = none (gauge).
+    pub fn rate_limit(&self) -> u64 {
+        self.rate_limit.load(Relaxed)
+    }
+}
+
+/// Engine-wide counters and gauges. Cheap to update (relaxed atomics), read at any time.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub(crate) blocks_pending: AtomicU64,
+    pub(crate) blocks_cached: AtomicU64,
+    pub(crate) cache_bytes: AtomicU64,
+    pub(crate) cache_misses: AtomicU64,
+    pub(crate) batches_allocated: AtomicU64,
+    pub(crate) batches_completed: AtomicU64,
+    pub(crate) batches_rerun: AtomicU64,
+    pub(crate) batch_records: AtomicU64,
+    pub(crate) job_failures: AtomicU64,
+    pub(crate) scheduling_delay_ms: AtomicU64,
+    pub(crate) processing_delay_ms: AtomicU64,
+    pub(crate) total_delay_ms: AtomicU64,
+    pub(crate) tracker_commits: AtomicU64,
+    pub(crate) records_lost_corruption: AtomicU64,
+    pub(crate) blocks_lost_corruption: AtomicU64,
+    pub(crate) unallocated_blocks: AtomicU64,
+    pub(crate) last_completed_batch_ms: AtomicU64,
+    pub(crate) recovery_ms: AtomicU64,
+    receivers: Mutex<BTreeMap<String, Arc<ReceiverMetrics>>>,
+}
+
+macro_rules! getters {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        $( $(#[$m])* pub fn $name(&self) -> u64 { self.$name.load(Relaxed) } )*
+    };
+}
+
+impl Metrics {
+    getters! {
+        /// Blocks cut but not yet durable (gauge).
+        blocks_pending,
+        /// Blocks in the in-memory cache (gauge).
+        blocks_cached,
+        /// Bytes in the in-memory cache (gauge).
+        cache_bytes,
+        /// Block reads that had to go to the WAL (counter).
+        cache_misses,
+        /// Batches allocated (counter).
+        batches_allocated,
+        /// Batches whose jobs all succeeded (counter).
+        batches_completed,
+        /// Batches re-run after a restart (counter).
+        batches_rerun,
+        /// Records in completed batches (counter).
+        batch_records,
+        /// Job runs that failed; the batch is retried (counter).
+        job_failures,
+        /// Scheduling delay of the last batch, ms (gauge).
+        scheduling_delay_ms,
+        /// Processing time of the last batch, ms (gauge).
+        processing_delay_ms,
+        /// Scheduling plus processing delay of the last batch, ms (gauge).
+        total_delay_ms,
+        /// Tracker transactions committed (counter).
+        tracker_commits,
+        /// Records lost to corruption found at recovery (counter).
+        records_lost_corruption,
+        /// Allocated blocks dropped because their WAL record was corrupt (counter).
+        blocks_lost_corruption,
+        /// Durable blocks waiting for the next batch (gauge).
+        unallocated_blocks,
+        /// Time of the last completed batch, ms since the epoch (gauge).
+        last_completed_batch_ms,
+        /// Duration of the last startup recovery, ms (gauge).
+        recovery_ms,
+    }
+
+    /// The metrics of receiver `name` (created on first use).
+    pub fn receiver(&self, name: &str) -> Arc<ReceiverMetrics> {
+        self.receivers
+            .lock()
+            .expect("metrics lock")
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Names of the receivers with metrics.
+    pub fn receiver_names(&self) -> Vec<String> {
+        self.receivers
+            .lock()
+            .expect("metrics lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Every metric of a running engine: its own, each receiver's and the WAL's.
+#[derive(Debug, Clone)]
+pub struct MetricsRegistry {
+    pub(crate) engine: Arc<Metrics>,
+    pub(crate) wal: Arc<WalMetrics>,
+}
+
+impl MetricsRegistry {
+    /// The engine's metrics.
+    pub fn engine(&self) -> &Arc<Metrics> {
+        &self.engine
+    }
+
+    /// The WAL's metrics.
+    pub fn wal(&self) -> &Arc<WalMetrics> {
+        &self.wal
+    }
+
+    /// Reads everything.
+    pub fn samples(&self) -> Vec<Sample> {
+        use MetricKind::{Counter as C, Gauge as G};
+        let mut out = Vec::new();
+        let mut push = |name, help, kind, labels: Vec<(&'static str, String)>, value: u64| {
+            out.push(Sample {
+                name,
+                help,
+                kind,
+                labels,
+                value: value as f64,
+            });
+        };
+        let e = &self.engine;
+        for (name, help, kind, v) in [
+            (
+                "weir_blocks_pending",
+                "Blocks cut but not yet durable.",
+                G,
+                e.blocks_pending(),
+            ),
+            (
+                "weir_block_cache_blocks",
+                "Blocks in the in-memory block cache.",
+                G,
+                e.blocks_cached(),
+            ),
+            (
+                "weir_block_cache_bytes",
+                "Bytes in the in-memory block cache.",
+                G,
+                e.cache_bytes(),
+            ),
+            (
+                "weir_block_cache_misses_total",
+                "Block reads served from the WAL.",
+                C,
+                e.cache_misses(),
+            ),
+            (
+                "weir_batches_allocated_total",
+                "Batches allocated.",
+                C,
+                e.batches_allocated(),
+            ),
+            (
+                "weir_batches_completed_total",
+                "Batches completed.",
+                C,
+                e.batches_completed(),
+            ),
+            (
+                "weir_batches_rerun_total",
+                "Batches re-run after a restart.",
+                C,
+                e.batches_rerun(),
+            ),
+            (
+                "weir_batch_records_total",
+                "Records in completed batches.",
+                C,
+                e.batch_records(),
+            ),
+            (
+                "weir_job_failures_total",
+                "Failed job runs (the batch is retried).",
+                C,
+                e.job_failures(),
+            ),
+            (
+                "weir_batch_scheduling_delay_ms",
+                "Scheduling delay of the last batch.",
+                G,
+                e.scheduling_delay_ms(),
+            ),
+            (
+                "weir_batch_processing_delay_ms",
+                "Processing time of the last batch.",
+                G,
+                e.processing_delay_ms(),
+            ),
+            (
+                "weir_batch_total_delay_ms",
+                "Scheduling plus processing delay of the last batch.",
+                G,
+                e.total_delay_ms(),
+            ),
+            (
+                "weir_tracker_commits_total",
+                "Tracker transactions committed.",
+                C,
+                e.tracker_commits(),
+            ),
+            (
+                "weir_records_lost_corruption_total",
+                "Records lost to corruption found by recovery.",
+                C,
+                e.records_lost_corruption(),
+            ),
+            (
+                "weir_unallocated_blocks",
+                "Durable blocks waiting for the next batch.",
+                G,
+                e.unallocated_blocks(),
+            ),
+            (
+                "weir_last_completed_batch_ms",
+                "Time of the last completed batch.",
+                G,
+                e.last_completed_batch_ms(),
+            ),
+            (
+                "weir_recovery_ms",
+                "Duration of the last startup recovery.",
+                G,
+                e.recovery_ms(),
+            ),
+        ] {
+            push(name, help, kind, Vec::new(), v);
+        }
+        let receivers: Vec<(String, Arc<ReceiverMetrics>)> = e
+            .receivers
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, r) in receivers {
+            let l = || vec![("receiver", name.clone())];
+            for (metric, help, kind, v) in [
+                (
+                    "weir_receiver_records_received_total",
+                    "Records handed to store().",
+                    C,
+                    &r.records_received,
+                ),
+                (
+                    "weir_receiver_bytes_received_total",
+                    "Payload bytes handed to store().",
+                    C,
+                    &r.bytes_received,
+                ),
+                (
+                    "weir_receiver_records_stored_total",
+                    "Records made durable.",
+                    C,
+                    &r.records_stored,
+                ),
+                (
+                    "weir_receiver_bytes_stored_total",
+                    "Payload bytes made durable.",
+                    C,
+                    &r.bytes_stored,
+                ),
+                (
+                    "weir_receiver_blocks_stored_total",
+                    "Blocks made durable.",
+                    C,
+                    &r.blocks_stored,
+                ),
+                (
+                    "weir_receiver_store_failures_total",
+                    "store() calls that failed.",
+                    C,
+                    &r.store_failures,
+                ),
+                (
+                    "weir_receiver_restarts_total",
+                    "Restarts by the supervisor.",
+                    C,
+                    &r.restarts,
+                ),
+                (
+                    "weir_receiver_errors_total",
+                    "Errors reported by the receiver.",
+                    C,
+                    &r.errors_reported,
+                ),
+                (
+                    "weir_receiver_pending_bytes",
+                    "Bytes accepted but not yet durable.",
+                    G,
+                    &r.pending_bytes,
+                ),
+                (
+                    "weir_receiver_rate_limit",
+                    "Current rate limit, records/s (0 = none).",
+                    G,
+                    &r.rate_limit,
+                ),
+                (
+                    "weir_receiver_throttled_us_total",
+                    "Time store() waited for the rate limit, µs.",
+                    C,
+                    &r.throttled_us,
+                ),
+                (
+                    "weir_receiver_running",
+                    "1 while the receiver runs.",
+                    G,
+                    &r.running,
+                ),
+            ] {
+                push(metric, help, kind, l(), v.load(Relaxed));
+            }
+        }
+        let w = self.wal.snapshot();
+        for (name, help, kind, v) in [
+            (
+                "weir_wal_appends_total",
+                "Records acknowledged by the WAL.",
+                C,
+                w.appends,
+            ),
+            (
+                "weir_wal_append_bytes_total",
+                "Payload bytes acknowledged by the WAL.",
+                C,
+                w.append_bytes,
+            ),
+            (
+                "weir_wal_group_commits_total",
+                "WAL group commits.",
+                C,
+                w.group_commits,
+            ),
+            (
+                "weir_wal_fsyncs_total",
+                "WAL segment fdatasyncs.",
+                C,
+                w.fsyncs,
+            ),
+            (
+                "weir_wal_dir_fsyncs_total",
+                "WAL directory fsyncs.",
+                C,
+                w.dir_fsyncs,
+            ),
+            (
+                "weir_wal_enospc_retries_total",
+                "Writes retried because the disk was full.",
+                C,
+                w.enospc_retries,
+            ),
+            (
+                "weir_wal_waiting_for_space",
+                "1 while the WAL waits for disk space.",
+                G,
+                w.waiting_for_space,
+            ),
+            ("weir_wal_segments", "WAL segments on disk.", G, w.segments),
+            ("weir_wal_bytes", "Bytes in WAL segments.", G, w.wal_bytes),
+            (
+                "weir_wal_segments_deleted_total",
+                "WAL segments deleted by cleanup.",
+                C,
+                w.segments_deleted,
+            ),
+            (
+                "weir_wal_corrupt_records_total",
+                "WAL records lost to corruption.",
+                C,
+                w.corrupt_records,
+            ),
+            (
+                "weir_wal_corrupt_bytes_total",
+                "WAL bytes lost to corruption.",
+                C,
+                w.corrupt_bytes,
+            ),
+            (
+                "weir_wal_torn_bytes_truncated_total",
+                "Torn-tail bytes truncated by recovery.",
+                C,
+                w.torn_bytes_truncated,
+            ),
+            (
+                "weir_wal_fatal",
+                "1 once the WAL stopped after a fatal error.",
+                G,
+                w.fatal,
+            ),
+        ] {
+            push(name, help, kind, Vec::new(), v);
+        }
+        out
+    }
+
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn prometheus_text(&self) -> String {
+        let mut s = String::new();
+        let mut last = "";
+        let mut samples = self.samples();
+        // Samples of one name (one per receiver) must be adjacent; the sort is stable.
+        samples.sort_by(|a, b| a.name.cmp(b.name));
+        for m in samples {
+            if m.name != last {
+                let kind = match m.kind {
+                    MetricKind::Counter => "counter",
+                    MetricKind::Gauge => "gauge",
+                };
+                let _ = writeln!(s, "# HELP {} {}\n# TYPE {} {kind}", m.name, m.help, m.name);
+                last = m.name;
+            }
+            s.push_str(m.name);
+            if !m.labels.is_empty() {
+                s.push('{');
+                for (i, (k, v)) in m.labels.iter().enumerate() {
+                    if i > 0 {
+                        s.push(',');
+                    }
+                    let v = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
+                    let _ = write!(s, "{k}=\"{v}\"");
+                }
+                s.push('}');
+            }
+            let _ = writeln!(s, " {}", m.value);
+        }
+        s
+    }
+}

@@ -1,0 +1,869 @@
+//! The engine: [`StreamingContext`] wires receivers, block generators, the block writer, the
+//! tracker, the batch clock and the jobs together; [`RunningContext`] is the running engine.
+//!
+//! Order of events for one batch at time T: allocate every durable, unallocated block to T and
+//! commit that (together with the completions since the last commit) to the tracker; delete WAL
+//! segments that no remembered batch needs; then, in time order, run the jobs for T and mark it
+//! complete in memory (persisted by the next commit, or by the final commit of a graceful stop).
+//! A crash before that persists re-runs T with exactly the same blocks: outputs keyed by batch
+//! time are idempotent.
+
+pub mod config;
+pub mod metrics;
+mod recovery;
+mod supervisor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use weir_receiver::{shutdown_channel, DynReceiver, Receiver, ShutdownTrigger};
+
+use crate::batch::Batch;
+use crate::block::{
+    now_ms, BlockCache, BlockSource, BlockWriter, Generator, GeneratorLimits, Host,
+};
+use crate::rate::{PidRateEstimator, RateLimiter};
+use crate::tracker::{BlockRef, Commit, Tracker, TrackerError};
+use crate::wal::{CleanupThreshold, Storage, Wal, WalError, WalPosition};
+pub use config::{ClockMode, StreamingConfig};
+pub use metrics::{Metrics, MetricsRegistry, ReceiverMetrics};
+
+/// What a job returns on failure.
+pub type JobError = Box<dyn std::error::Error + Send + Sync>;
+
+type JobFn = Arc<dyn Fn(&Batch) -> Result<(), JobError> + Send + Sync>;
+
+#[derive(Clone)]
+struct Job {
+    name: Arc<str>,
+    window: usize,
+    f: JobFn,
+}
+
+/// Why the engine could not start, or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The write-ahead log failed.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// The tracker failed.
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    /// Recovery found something it cannot resolve on its own.
+    #[error("recovery: {0}")]
+    Recovery(String),
+    /// The engine stopped after a fatal error (storage, tracker); restart it to recover.
+    #[error("the engine failed: {0}")]
+    Failed(String),
+    /// A graceful stop could not complete a batch (a job kept failing); it re-runs at the next
+    /// start.
+    #[error("batch {time} did not complete before the stop: {reason}")]
+    Incomplete {
+        /// The batch.
+        time: u64,
+        /// The job's last error.
+        reason: String,
+    },
+}
+
+pub(crate) enum StorageChoice {
+    Dir(PathBuf),
+    Custom {
+        wal: Arc<dyn Storage>,
+        tracker: Tracker,
+    },
+}
+
+/// The library's entry point: configure receivers and jobs, then [`start`](Self::start).
+///
+/// ```no_run
+/// use weir::stream::{StreamingConfig, StreamingContext};
+/// use weir_receiver::{Receiver, ReceiverContext, ReceiverError, Record};
+///
+/// struct Hello;
+/// impl Receiver for Hello {
+///     async fn run(&self, ctx: ReceiverContext) -> Result<(), ReceiverError> {
+///         ctx.store(vec![Record::new("hello")]).await?;
+///         Ok(())
+///     }
+/// }
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut ctx = StreamingContext::new(StreamingConfig::default(), "weir-data");
+/// ctx.add_receiver("hello", Hello);
+/// ctx.foreach_batch("print", |batch| {
+///     println!("batch {}: {} records", batch.time(), batch.count());
+///     Ok(())
+/// });
+/// let running = ctx.start().await?;
+/// tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+/// running.stop().await?;
+/// # Ok(()) }
+/// ```
+pub struct StreamingContext {
+    config: StreamingConfig,
+    storage: StorageChoice,
+    receivers: Vec<(Arc<str>, DynReceiver)>,
+    jobs: Vec<Job>,
+}
+
+impl std::fmt::Debug for StreamingContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamingContext")
+            .field("config", &self.config)
+            .field("receivers", &self.receivers.len())
+            .field("jobs", &self.jobs.len())
+            .finish()
+    }
+}
+
+impl StreamingContext {
+    /// A context keeping its data (WAL under `wal/`, tracker in `tracker.redb`) in `data_dir`.
+    pub fn new(config: StreamingConfig, data_dir: impl Into<PathBuf>) -> Self {
+        StreamingContext {
+            config,
+            storage: StorageChoice::Dir(data_dir.into()),
+            receivers: Vec::new(),
+            jobs: Vec::new(),
+        }
+    }
+
+    /// A context on custom storage: the WAL on `wal`, the tracker as given (e.g. both on
+    /// [`SimStorage`](crate::wal::sim::SimStorage) for crash tests).
+    pub fn with_storage(config: StreamingConfig, wal: Arc<dyn Storage>, tracker: Tracker) -> Self {
+        StreamingContext {
+            config,
+            storage: StorageChoice::Custom { wal, tracker },
+            receivers: Vec::new(),
+            jobs: Vec::new(),
+        }
+    }
+
+    /// Adds a receiver. Names identify receivers in blocks, checkpoints and metrics: keep them
+    /// stable across restarts.
+    pub fn add_receiver<R: Receiver>(
+        &mut self,
+        name: impl Into<Arc<str>>,
+        receiver: R,
+    ) -> &mut Self {
+        self.receivers
+            .push((name.into(), DynReceiver::new(receiver)));
+        self
+    }
+
+    /// Adds a job run on every batch, in registration order. A job that fails (or panics) is
+    /// retried on the same batch after a backoff; the batch completes only when every job
+    /// succeeded, so jobs must be idempotent per batch time.
+    pub fn foreach_batch<F>(&mut self, name: impl Into<Arc<str>>, f: F) -> &mut Self
+    where
+        F: Fn(&Batch) -> Result<(), JobError> + Send + Sync + 'static,
+    {
+        self.foreach_window(name, 1, f)
+    }
+
+    /// Adds a job run on every batch with a view of the last `batches` batches (the current one
+    /// and up to `batches - 1` before it, including batches from before a restart).
+    pub fn foreach_window<F>(
+        &mut self,
+        name: impl Into<Arc<str>>,
+        batches: usize,
+        f: F,
+    ) -> &mut Self
+    where
+        F: Fn(&Batch) -> Result<(), JobError> + Send + Sync + 'static,
+    {
+        self.jobs.push(Job {
+            name: name.into(),
+            window: batches.max(1),
+            f: Arc::new(f),
+        });
+        self
+    }
+
+    /// Recovers, then starts receivers, the block timer and the batch clock on the current tokio
+    /// runtime. Batches allocated before a crash but not completed run first, with exactly their
+    /// recorded blocks; durable blocks that no batch had go to the first new batch.
+    ///
+    /// # Errors
+    /// [`EngineError`] if the configuration is invalid or recovery fails.
+    pub async fn start(self) -> Result<RunningContext, EngineError> {
+        let StreamingContext {
+            config,
+            storage,
+            receivers,
+            jobs,
+        } = self;
+        config.validate().map_err(EngineError::Config)?;
+        let mut names = std::collections::HashSet::new();
+        for (n, _) in &receivers {
+            if n.is_empty() || !names.insert(n.clone()) {
+                return Err(EngineError::Config(format!(
+                    "receiver names must be unique and non-empty: {n:?}"
+                )));
+            }
+        }
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(BlockCache::new(config.block_cache_bytes, metrics.clone()));
+        let rec = {
+            let (config, cache, metrics) = (config.clone(), cache.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                recovery::recover(&config, storage, &cache, &metrics)
+            })
+            .await
+            .map_err(|e| EngineError::Recovery(format!("recovery task failed: {e}")))??
+        };
+        let wal = rec.wal.clone();
+        let (writer, writer_task) =
+            BlockWriter::start(wal.clone(), cache.clone(), metrics.clone(), rec.unallocated);
+        let source = Arc::new(BlockSource {
+            wal: wal.clone(),
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+        });
+        let max_call = (config.wal.max_record_bytes as usize).saturating_sub(1 << 16);
+        let mut generators = Vec::new();
+        for (name, _) in &receivers {
+            let limit = config.rate.max_records_per_sec.map(|r| r as f64);
+            let limit = if config.rate.backpressure {
+                match (limit, config.rate.initial_rate) {
+                    (Some(l), Some(i)) => Some(l.min(i as f64)),
+                    (l, i) => l.or(i.map(|i| i as f64)),
+                }
+            } else {
+                limit
+            };
+            let rm = metrics.receiver(name);
+            rm.rate_limit.store(limit.map_or(0, |l| l as u64), Relaxed);
+            let g = Generator::new(
+                name.clone(),
+                writer.clone(),
+                rec.checkpoints.get(&**name).cloned().unwrap_or_default(),
+                GeneratorLimits {
+                    max_pending_bytes: config.max_pending_bytes,
+                    block_max: config.block_max_bytes as usize,
+                    max_call,
+                },
+                Arc::new(RateLimiter::new(limit)),
+                rm,
+            );
+            generators.push((name.clone(), g));
+        }
+        let retention = jobs.iter().map(|j| j.window).max().unwrap_or(1) - 1;
+        let completed = rec.state.completed_through;
+        let (completed_tx, _) = watch::channel(completed);
+        let (failure_tx, _) = watch::channel(None);
+        let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+        let pid = generators
+            .iter()
+            .map(|(n, _)| {
+                (
+                    n.clone(),
+                    PidRateEstimator::new(
+                        Duration::from_millis(config.batch_interval_ms),
+                        &config.rate,
+                    ),
+                )
+            })
+            .collect();
+        let engine = Arc::new(Engine {
+            config: config.clone(),
+            wal: wal.clone(),
+            tracker: rec.tracker,
+            writer: writer.clone(),
+            source,
+            cache,
+            metrics: metrics.clone(),
+            generators,
+            schedule: Mutex::new(Schedule {
+                batches: rec.batches,
+                persisted_completed: completed,
+                last_time: rec.state.last_allocated(),
+                allocated_end: rec.state.allocated_end,
+            }),
+            commit_lock: Mutex::new(()),
+            jobs,
+            retention,
+            completed: completed_tx,
+            failure: failure_tx,
+            queue: Mutex::new(Some(queue_tx)),
+            stopping: AtomicBool::new(false),
+            incomplete: Mutex::new(None),
+            pid: Mutex::new(pid),
+        });
+        if let Some(c) = completed {
+            metrics.last_completed_batch_ms.store(c, Relaxed);
+        }
+        // Re-run what was allocated but not completed, in time order, before anything new.
+        for t in &rec.rerun {
+            metrics.batches_rerun.fetch_add(1, Relaxed);
+            tracing::info!(batch = t, "re-running a batch allocated before the restart");
+            engine.enqueue(*t);
+        }
+        if !rec.report.corrupt.is_empty() {
+            tracing::error!(
+                regions = rec.report.corrupt.len(),
+                blocks_lost = rec.report.records_lost(),
+                bytes_lost = rec.report.bytes_lost(),
+                "recovery skipped corrupt WAL data (skip_corrupt)"
+            );
+        }
+
+        let processor = tokio::spawn(engine.clone().process_loop(queue_rx));
+        let (clock_stop, clock_stop_rx) = shutdown_channel();
+        let block_timer = tokio::spawn(engine.clone().block_timer(clock_stop_rx.clone()));
+        let clock = match config.clock {
+            ClockMode::Interval => Some(tokio::spawn(engine.clone().clock_loop(clock_stop_rx))),
+            ClockMode::Manual => None,
+        };
+        let (receivers_stop, receivers_stop_rx) = shutdown_channel();
+        let mut supervisors = Vec::new();
+        for ((name, receiver), (_, g)) in receivers.into_iter().zip(engine.generators.iter()) {
+            let s = supervisor::Supervised {
+                name: name.clone(),
+                receiver,
+                host: Arc::new(Host {
+                    generator: g.clone(),
+                }),
+                shutdown: receivers_stop_rx.clone(),
+                metrics: metrics.receiver(&name),
+                initial: Duration::from_millis(config.receiver_restart_initial_ms),
+                max: Duration::from_millis(config.receiver_restart_max_ms),
+            };
+            supervisors.push((name, tokio::spawn(supervisor::supervise(s))));
+        }
+        Ok(RunningContext {
+            engine,
+            receivers_stop,
+            clock_stop,
+            supervisors,
+            writer_task: Some(writer_task),
+            processor: Some(processor),
+            block_timer: Some(block_timer),
+            clock,
+        })
+    }
+}
+
+struct Schedule {
+    /// Allocated batches still remembered: incomplete ones and the complete ones windows need.
+    batches: BTreeMap<u64, Arc<[BlockRef]>>,
+    /// Completions the tracker has persisted.
+    persisted_completed: Option<u64>,
+    last_time: Option<u64>,
+    allocated_end: WalPosition,
+}
+
+struct Engine {
+    config: StreamingConfig,
+    wal: Arc<Wal>,
+    tracker: Tracker,
+    writer: Arc<BlockWriter>,
+    source: Arc<BlockSource>,
+    cache: Arc<BlockCache>,
+    metrics: Arc<Metrics>,
+    generators: Vec<(Arc<str>, Arc<Generator>)>,
+    schedule: Mutex<Schedule>,
+    commit_lock: Mutex<()>,
+    jobs: Vec<Job>,
+    retention: usize,
+    /// Completed through this batch time (in memory).
+    completed: watch::Sender<Option<u64>>,
+    failure: watch::Sender<Option<String>>,
+    queue: Mutex<Option<mpsc::UnboundedSender<u64>>>,
+    stopping: AtomicBool,
+    /// Set when a stop gave up on a batch whose job kept failing: (batch, last error).
+    incomplete: Mutex<Option<(u64, String)>>,
+    pid: Mutex<HashMap<Arc<str>, PidRateEstimator>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    fn fail(&self, msg: String) {
+        tracing::error!(error = %msg, "the engine stops: restart it to recover");
+        self.failure.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(msg);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failure
+            .borrow()
+            .clone()
+            .or_else(|| self.writer.fatal().map(str::to_string))
+    }
+
+    fn enqueue(&self, t: u64) {
+        if let Some(q) = &*lock(&self.queue) {
+            let _ = q.send(t);
+        }
+    }
+
+    fn next_time(&self, last: Option<u64>) -> u64 {
+        let i = self.config.batch_interval_ms;
+        let aligned = now_ms() / i * i;
+        match last {
+            Some(l) if aligned <= l => l + i,
+            _ => aligned,
+        }
+    }
+
+    /// Allocates every durable, unallocated block to a new batch, commits, cleans up, and queues
+    /// the batch. Blocking (tracker fsync): call from a blocking thread.
+    fn allocate(&self) -> Result<u64, EngineError> {
+        if let Some(f) = self.failed() {
+            return Err(EngineError::Failed(f));
+        }
+        let _commit = lock(&self.commit_lock);
+        let (time, blocks, end, checkpoints) = {
+            let s = lock(&self.schedule);
+            let time = self.next_time(s.last_time);
+            let mut u = lock(&self.writer.unallocated);
+            let blocks: Arc<[BlockRef]> = Arc::from(std::mem::take(&mut u.blocks));
+            let end = u.end.unwrap_or(s.allocated_end).max(s.allocated_end);
+            let checkpoints = std::mem::take(&mut u.checkpoints);
+            self.metrics.unallocated_blocks.store(0, Relaxed);
+            (time, blocks, end, checkpoints)
+        };
+        let completed = *self.completed.borrow();
+        let (persisted, forget_before) = {
+            let s = lock(&self.schedule);
+            (s.persisted_completed, self.forget_before(&s, completed))
+        };
+        let cps: Vec<(&str, &weir_receiver::Checkpoint)> =
+            checkpoints.iter().map(|(k, v)| (&**k, v)).collect();
+        let commit = Commit {
+            allocate: Some((time, &blocks, end)),
+            completed_through: completed.filter(|c| Some(*c) > persisted),
+            checkpoints: cps,
+            forget_before,
+        };
+        if let Err(e) = self.tracker.commit(&commit) {
+            let msg = format!("allocating batch {time}: {e}");
+            self.fail(msg.clone());
+            return Err(EngineError::Failed(msg));
+        }
+        self.metrics.tracker_commits.fetch_add(1, Relaxed);
+        self.metrics.batches_allocated.fetch_add(1, Relaxed);
+        {
+            let mut s = lock(&self.schedule);
+            s.batches.insert(time, blocks);
+            s.last_time = Some(time);
+            s.allocated_end = end;
+            s.persisted_completed = completed.max(s.persisted_completed);
+            self.forget_and_clean(&mut s, forget_before);
+        }
+        self.enqueue(time);
+        Ok(time)
+    }
+
+    /// Persists completions without allocating (graceful stop).
+    fn commit_completions(&self) -> Result<(), EngineError> {
+        let _commit = lock(&self.commit_lock);
+        let completed = *self.completed.borrow();
+        let (persisted, forget_before) = {
+            let s = lock(&self.schedule);
+            (s.persisted_completed, self.forget_before(&s, completed))
+        };
+        if completed <= persisted {
+            return Ok(());
+        }
+        self.tracker.commit(&Commit {
+            completed_through: completed,
+            forget_before,
+            ..Commit::default()
+        })?;
+        self.metrics.tracker_commits.fetch_add(1, Relaxed);
+        let mut s = lock(&self.schedule);
+        s.persisted_completed = completed;
+        self.forget_and_clean(&mut s, forget_before);
+        Ok(())
+    }
+
+    /// The oldest batch time to keep once `completed` is persisted: complete batches older than
+    /// the window retention are forgotten.
+    fn forget_before(&self, s: &Schedule, completed: Option<u64>) -> Option<u64> {
+        let c = completed?;
+        let done: Vec<u64> = s.batches.range(..=c).map(|(t, _)| *t).collect();
+        if done.len() <= self.retention {
+            return None;
+        }
+        Some(if self.retention == 0 {
+            c + 1
+        } else {
+            done[done.len() - self.retention]
+        })
+    }
+
+    fn forget_and_clean(&self, s: &mut Schedule, forget_before: Option<u64>) {
+        if let Some(before) = forget_before {
+            let keep = s.batches.split_off(&before);
+            let gone = std::mem::replace(&mut s.batches, keep);
+            for blocks in gone.values() {
+                for b in blocks.iter() {
+                    self.cache.remove(&b.handle);
+                }
+            }
+        }
+        // Every block at or after `allocated_end` is unallocated (or not yet durable); every
+        // remembered batch's blocks must stay. Segments wholly before the minimum can go.
+        let watermark = s
+            .batches
+            .values()
+            .flat_map(|b| b.iter().map(|b| b.handle.position()))
+            .min()
+            .unwrap_or(s.allocated_end)
+            .min(s.allocated_end);
+        match self.wal.cleanup(CleanupThreshold {
+            before: Some(watermark),
+            older_than: None,
+        }) {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL cleanup failed; retrying after the next batch")
+            }
+        }
+    }
+
+    fn window(&self, time: u64, n: usize) -> Batch {
+        let s = lock(&self.schedule);
+        let picked: Vec<(u64, Arc<[BlockRef]>)> = s
+            .batches
+            .range(..=time)
+            .rev()
+            .take(n)
+            .map(|(t, b)| (*t, b.clone()))
+            .collect();
+        drop(s);
+        let times: Vec<u64> = picked.iter().rev().map(|(t, _)| *t).collect();
+        let blocks: Vec<BlockRef> = picked
+            .iter()
+            .rev()
+            .flat_map(|(_, b)| b.iter().cloned())
+            .collect();
+        Batch::new(
+            time,
+            Arc::from(times),
+            Arc::from(blocks),
+            self.source.clone(),
+        )
+    }
+
+    async fn clock_loop(self: Arc<Self>, stop: weir_receiver::Shutdown) {
+        let i = self.config.batch_interval_ms;
+        let first = i - now_ms() % i;
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(first),
+            Duration::from_millis(i),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.requested() => return,
+            }
+            let e = self.clone();
+            match tokio::task::spawn_blocking(move || e.allocate()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return,
+                Err(e) => {
+                    self.fail(format!("batch allocation panicked: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn block_timer(self: Arc<Self>, stop: weir_receiver::Shutdown) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.block_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.requested() => return,
+            }
+            for (_, g) in &self.generators {
+                g.cut();
+            }
+        }
+    }
+
+    async fn process_loop(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<u64>) {
+        while let Some(t) = queue.recv().await {
+            if self.failed().is_some() {
+                return;
+            }
+            if !self.process(t).await {
+                // Stopping with a batch that would not complete: leave it for the next start.
+                return;
+            }
+        }
+    }
+
+    /// Runs every job on batch `t`; true once the batch completed.
+    async fn process(self: &Arc<Self>, t: u64) -> bool {
+        let started = now_ms();
+        let t0 = Instant::now();
+        let Some(blocks) = lock(&self.schedule).batches.get(&t).cloned() else {
+            tracing::error!(batch = t, "batch to process is not remembered");
+            return false;
+        };
+        let batch = Batch::new(t, Arc::from([t]), blocks.clone(), self.source.clone());
+        for job in &self.jobs {
+            let view = if job.window > 1 {
+                self.window(t, job.window)
+            } else {
+                batch.clone()
+            };
+            let mut delay = Duration::from_millis(self.config.job_retry_initial_ms);
+            let mut failures_while_stopping = 0;
+            loop {
+                let (f, v) = (job.f.clone(), view.clone());
+                let err = match tokio::task::spawn_blocking(move || f(&v)).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("panicked: {e}"),
+                };
+                self.metrics.job_failures.fetch_add(1, Relaxed);
+                tracing::error!(batch = t, job = %job.name, error = %err, retry_in_ms = delay.as_millis() as u64, "job failed; retrying the same batch");
+                if self.stopping.load(Relaxed) {
+                    failures_while_stopping += 1;
+                    if failures_while_stopping >= 3 {
+                        *lock(&self.incomplete) = Some((t, format!("job {}: {err}", job.name)));
+                        return false;
+                    }
+                }
+                if self.failed().is_some() {
+                    return false;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(self.config.job_retry_max_ms));
+            }
+        }
+        let processing = t0.elapsed().as_millis() as u64;
+        let scheduling = started.saturating_sub(t);
+        let m = &self.metrics;
+        m.processing_delay_ms.store(processing, Relaxed);
+        m.scheduling_delay_ms.store(scheduling, Relaxed);
+        m.total_delay_ms.store(scheduling + processing, Relaxed);
+        m.batches_completed.fetch_add(1, Relaxed);
+        m.batch_records.fetch_add(batch.count(), Relaxed);
+        m.last_completed_batch_ms.store(t, Relaxed);
+        self.completed.send_replace(Some(t));
+        if self.config.rate.backpressure {
+            self.update_rates(&blocks, processing, scheduling);
+        }
+        true
+    }
+
+    fn update_rates(&self, blocks: &[BlockRef], processing_ms: u64, scheduling_ms: u64) {
+        let mut per: HashMap<&str, u64> = HashMap::new();
+        for b in blocks {
+            *per.entry(&b.receiver).or_default() += u64::from(b.records);
+        }
+        let mut pid = lock(&self.pid);
+        for (name, g) in &self.generators {
+            let Some(est) = pid.get_mut(name) else {
+                continue;
+            };
+            let n = per.get(&**name).copied().unwrap_or(0);
+            if let Some(rate) = est.compute(now_ms(), n, processing_ms.max(1), scheduling_ms) {
+                let max = self.config.rate.max_records_per_sec.map(|m| m as f64);
+                let limit = max.map_or(rate, |m| m.min(rate));
+                g.limiter.set_limit(Some(limit));
+                self.metrics
+                    .receiver(name)
+                    .rate_limit
+                    .store(limit as u64, Relaxed);
+            }
+        }
+    }
+}
+
+/// What a graceful stop did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopReport {
+    /// The last completed batch.
+    pub completed_through: Option<u64>,
+    /// Receivers that did not return within the stop timeout (abandoned).
+    pub receivers_abandoned: Vec<String>,
+}
+
+/// A running engine. Stop it with [`stop`](Self::stop); dropping it stops everything abruptly
+/// (like a crash, and as safe: what was acknowledged is in the WAL).
+pub struct RunningContext {
+    engine: Arc<Engine>,
+    receivers_stop: ShutdownTrigger,
+    clock_stop: ShutdownTrigger,
+    supervisors: Vec<(Arc<str>, JoinHandle<()>)>,
+    writer_task: Option<JoinHandle<()>>,
+    processor: Option<JoinHandle<()>>,
+    block_timer: Option<JoinHandle<()>>,
+    clock: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RunningContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningContext").finish_non_exhaustive()
+    }
+}
+
+impl RunningContext {
+    /// Every metric of the engine, its receivers and its WAL.
+    pub fn metrics(&self) -> MetricsRegistry {
+        MetricsRegistry {
+            engine: self.engine.metrics.clone(),
+            wal: self.engine.wal.metrics().clone(),
+        }
+    }
+
+    /// The fatal error that stopped the engine, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.engine.failed()
+    }
+
+    /// The last completed batch time.
+    pub fn completed_through(&self) -> Option<u64> {
+        *self.engine.completed.borrow()
+    }
+
+    /// Allocates a batch now and waits until it (and every batch before it) completed. The only
+    /// way batches happen with [`ClockMode::Manual`]; also usable with the interval clock.
+    ///
+    /// # Errors
+    /// [`EngineError::Failed`] if the engine failed before the batch completed.
+    pub async fn run_batch(&self) -> Result<u64, EngineError> {
+        for (_, g) in &self.engine.generators {
+            g.cut();
+        }
+        self.engine.writer.flush().await;
+        let e = self.engine.clone();
+        let t = tokio::task::spawn_blocking(move || e.allocate())
+            .await
+            .map_err(|e| EngineError::Failed(format!("allocation panicked: {e}")))??;
+        self.wait_completed(t).await?;
+        Ok(t)
+    }
+
+    async fn wait_completed(&self, t: u64) -> Result<(), EngineError> {
+        let mut done = self.engine.completed.subscribe();
+        let mut failure = self.engine.failure.subscribe();
+        loop {
+            if done.borrow_and_update().is_some_and(|c| c >= t) {
+                return Ok(());
+            }
+            if let Some(f) = self.engine.failed() {
+                return Err(EngineError::Failed(f));
+            }
+            tokio::select! {
+                r = done.changed() => if r.is_err() { return Err(EngineError::Failed("engine gone".into())) },
+                _ = failure.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// Stops gracefully: stops the receivers (waiting up to `receiver_stop_timeout_ms`), makes
+    /// every accepted record durable, processes every durable block in a final batch, persists
+    /// the completions and closes the WAL.
+    ///
+    /// # Errors
+    /// [`EngineError::Failed`] if the engine had failed (nothing acknowledged is lost: restart
+    /// to recover), [`EngineError::Incomplete`] if a job kept failing on the last batch.
+    pub async fn stop(mut self) -> Result<StopReport, EngineError> {
+        let e = self.engine.clone();
+        self.receivers_stop.trigger();
+        let timeout = Duration::from_millis(e.config.receiver_stop_timeout_ms);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut abandoned = Vec::new();
+        for (name, h) in std::mem::take(&mut self.supervisors) {
+            let abort = h.abort_handle();
+            if tokio::time::timeout_at(deadline, h).await.is_err() {
+                tracing::warn!(receiver = %name, "receiver did not stop in time; abandoning it");
+                abort.abort();
+                abandoned.push(name.to_string());
+            }
+        }
+        for (_, g) in &e.generators {
+            g.close();
+        }
+        e.writer.flush().await;
+        self.clock_stop.trigger();
+        for h in [self.clock.take(), self.block_timer.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = h.await;
+        }
+        e.stopping.store(true, Relaxed);
+        let has_unallocated = !lock(&e.writer.unallocated).blocks.is_empty();
+        if has_unallocated && e.failed().is_none() {
+            let e2 = e.clone();
+            let _ = tokio::task::spawn_blocking(move || e2.allocate()).await;
+        }
+        lock(&e.queue).take();
+        if let Some(p) = self.processor.take() {
+            let _ = p.await;
+        }
+        let commit = {
+            let e2 = e.clone();
+            tokio::task::spawn_blocking(move || e2.commit_completions())
+                .await
+                .map_err(|err| EngineError::Failed(format!("final commit panicked: {err}")))?
+        };
+        if let Some(w) = self.writer_task.take() {
+            w.abort();
+        }
+        let closed = e.wal.close();
+        if let Some(f) = e.failed() {
+            return Err(EngineError::Failed(f));
+        }
+        if let Some((time, reason)) = lock(&e.incomplete).take() {
+            return Err(EngineError::Incomplete { time, reason });
+        }
+        commit?;
+        closed?;
+        let completed_through = *e.completed.borrow();
+        Ok(StopReport {
+            completed_through,
+            receivers_abandoned: abandoned,
+        })
+    }
+}
+
+impl Drop for RunningContext {
+    fn drop(&mut self) {
+        self.receivers_stop.trigger();
+        self.clock_stop.trigger();
+        for (_, h) in &self.supervisors {
+            h.abort();
+        }
+        for h in [
+            &self.writer_task,
+            &self.processor,
+            &self.block_timer,
+            &self.clock,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            h.abort();
+        }
+        lock(&self.engine.queue).take();
+    }
+}

@@ -1,0 +1,162 @@
+//! Startup recovery: open the WAL (repairing torn tails), open the tracker, find the batches to
+//! re-run and the durable blocks no batch has yet. Recovery writes nothing but the WAL's own
+//! idempotent repairs, so a crash during recovery is just another crash.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use weir_receiver::Checkpoint;
+
+use super::{EngineError, StorageChoice, StreamingConfig};
+use crate::block::codec::DecodedBlock;
+use crate::block::{BlockCache, Unallocated};
+use crate::stream::metrics::Metrics;
+use crate::tracker::{BlockRef, Tracker, TrackerState};
+use crate::wal::{RecoveryMode, RecoveryReport, Wal};
+
+pub(crate) struct Recovered {
+    pub(crate) wal: Arc<Wal>,
+    pub(crate) tracker: Tracker,
+    pub(crate) state: TrackerState,
+    pub(crate) batches: BTreeMap<u64, Arc<[BlockRef]>>,
+    pub(crate) rerun: Vec<u64>,
+    pub(crate) unallocated: Unallocated,
+    pub(crate) checkpoints: BTreeMap<String, Checkpoint>,
+    pub(crate) report: RecoveryReport,
+}
+
+pub(crate) fn recover(
+    config: &StreamingConfig,
+    storage: StorageChoice,
+    cache: &BlockCache,
+    metrics: &Metrics,
+) -> Result<Recovered, EngineError> {
+    let t0 = Instant::now();
+    let (wal, report, tracker) = match storage {
+        StorageChoice::Dir(dir) => {
+            let wal_dir = dir.join("wal");
+            std::fs::create_dir_all(&wal_dir).map_err(|e| {
+                EngineError::Recovery(format!("creating {}: {e}", wal_dir.display()))
+            })?;
+            let (wal, report) = Wal::open_dir(&wal_dir, config.wal.clone())?;
+            let tracker = Tracker::open(&dir.join("tracker.redb"))?;
+            (wal, report, tracker)
+        }
+        StorageChoice::Custom { wal, tracker } => {
+            let (wal, report) = Wal::open(wal, config.wal.clone())?;
+            (wal, report, tracker)
+        }
+    };
+    let wal = Arc::new(wal);
+    let state = tracker.load()?;
+    let mut allocated_end = state.allocated_end;
+    if allocated_end > report.end {
+        tracing::warn!(
+            tracker = ?allocated_end, log_end = ?report.end, fsync = %config.wal.fsync,
+            "the tracker has allocated blocks beyond the end of the log: blocks acknowledged \
+             under a non-durable fsync policy were lost in the crash"
+        );
+        allocated_end = report.end;
+    }
+
+    let mut lost_blocks = report.records_lost();
+    let mut lost_records = 0u64;
+    let mut batches = BTreeMap::new();
+    let mut rerun = Vec::new();
+    for (&time, blocks) in &state.batches {
+        let incomplete = state.completed_through.is_none_or(|c| time > c);
+        if !incomplete {
+            batches.insert(time, Arc::from(blocks.as_slice()));
+            continue;
+        }
+        let mut kept = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            match wal.read(b.handle) {
+                Ok(bytes) => {
+                    cache.insert(b.handle, bytes);
+                    kept.push(b.clone());
+                }
+                Err(e) if config.wal.recovery == RecoveryMode::SkipCorrupt => {
+                    tracing::error!(
+                        batch = time, segment = b.handle.segment, offset = b.handle.offset,
+                        records = b.records, receiver = %b.receiver, error = %e,
+                        "a block of an allocated batch is unreadable; its records are lost (skip_corrupt)"
+                    );
+                    lost_blocks += 1;
+                    lost_records += u64::from(b.records);
+                }
+                Err(e) => {
+                    return Err(EngineError::Recovery(format!(
+                        "batch {time} needs block {}@{} ({} records of receiver {}), which cannot be \
+                         read: {e}; start with wal.recovery = \"skip_corrupt\" to drop it and go on",
+                        b.handle.segment, b.handle.offset, b.records, b.receiver
+                    )))
+                }
+            }
+        }
+        batches.insert(time, Arc::from(kept));
+        rerun.push(time);
+    }
+
+    let mut unallocated = Unallocated::default();
+    for rec in wal.scan(allocated_end) {
+        let rec = rec?;
+        let d = DecodedBlock::decode(rec.payload.clone()).map_err(|e| {
+            EngineError::Recovery(format!(
+                "WAL record {}@{} is not a block: {e}",
+                rec.handle.segment, rec.handle.offset
+            ))
+        })?;
+        unallocated.blocks.push(BlockRef {
+            handle: rec.handle,
+            records: d.record_count,
+            receiver: d.receiver.clone(),
+        });
+        unallocated.end = Some(rec.handle.next_position());
+        unallocated
+            .checkpoints
+            .insert(d.receiver.clone(), d.checkpoint);
+        cache.insert(rec.handle, rec.payload);
+    }
+
+    let mut checkpoints = state.checkpoints.clone();
+    for (r, c) in &unallocated.checkpoints {
+        checkpoints.entry(r.to_string()).or_default().merge(c);
+    }
+
+    metrics
+        .blocks_lost_corruption
+        .fetch_add(lost_blocks, Relaxed);
+    metrics
+        .records_lost_corruption
+        .fetch_add(lost_records, Relaxed);
+    metrics
+        .unallocated_blocks
+        .store(unallocated.blocks.len() as u64, Relaxed);
+    metrics
+        .recovery_ms
+        .store(t0.elapsed().as_millis() as u64, Relaxed);
+    tracing::info!(
+        wal_records = report.records,
+        torn_tails = report.torn_tails.len(),
+        corrupt_regions = report.corrupt.len(),
+        rerun = rerun.len(),
+        unallocated_blocks = unallocated.blocks.len(),
+        ms = t0.elapsed().as_millis() as u64,
+        "recovery done"
+    );
+    let mut state = state;
+    state.allocated_end = allocated_end;
+    Ok(Recovered {
+        wal,
+        tracker,
+        state,
+        batches,
+        rerun,
+        unallocated,
+        checkpoints,
+        report,
+    })
+}

@@ -1,0 +1,369 @@
+//! The tracker: which blocks make up which batch, which batches are complete, how far the WAL has
+//! been allocated, and each receiver's checkpoint. Stored in `redb`, one transaction per batch
+//! interval (never one per block: a durable WAL record *is* the block).
+//!
+//! Blocks are allocated in WAL order — every batch takes all blocks that became durable before it,
+//! and blocks become durable in log order — so "which blocks are allocated" is a single position,
+//! `allocated_end`: everything before it belongs to some batch, everything after it to none yet.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use weir_receiver::Checkpoint;
+
+use crate::wal::{RecordHandle, WalPosition};
+
+const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+
+const ALLOCATED_END: &str = "allocated_end";
+const COMPLETED_THROUGH: &str = "completed_through";
+const FORMAT: &str = "format";
+const FORMAT_VERSION: u32 = 1;
+
+/// A tracker failure. The engine treats these as fatal: it stops rather than guess.
+#[derive(Debug, thiserror::Error)]
+#[error("tracker {what}: {detail}")]
+pub struct TrackerError {
+    what: &'static str,
+    detail: String,
+}
+
+fn err(what: &'static str) -> impl FnOnce(redb::Error) -> TrackerError {
+    move |e| TrackerError {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn enc_err(what: &'static str) -> impl FnOnce(postcard::Error) -> TrackerError {
+    move |e| TrackerError {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+type Result<T> = std::result::Result<T, TrackerError>;
+
+/// One block of a batch, as the tracker records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRef {
+    /// Where the block lives in the WAL.
+    pub handle: RecordHandle,
+    /// Number of records in the block.
+    pub records: u32,
+    /// The receiver that stored it.
+    pub receiver: Arc<str>,
+}
+
+/// Everything the tracker knows, as loaded at startup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrackerState {
+    /// Every WAL record before this position belongs to an allocated batch.
+    pub allocated_end: WalPosition,
+    /// Batches up to and including this time are complete.
+    pub completed_through: Option<u64>,
+    /// Allocated batches still on record (incomplete ones, and complete ones kept for windows).
+    pub batches: BTreeMap<u64, Vec<BlockRef>>,
+    /// Per-receiver checkpoints as of the last allocation.
+    pub checkpoints: BTreeMap<String, Checkpoint>,
+}
+
+impl TrackerState {
+    /// Times of the allocated batches that are not complete, in order.
+    pub fn incomplete(&self) -> impl Iterator<Item = (&u64, &Vec<BlockRef>)> {
+        let done = self.completed_through;
+        self.batches
+            .iter()
+            .filter(move |(t, _)| done.is_none_or(|d| **t > d))
+    }
+
+    /// The last allocated batch time.
+    pub fn last_allocated(&self) -> Option<u64> {
+        self.batches
+            .keys()
+            .next_back()
+            .copied()
+            .max(self.completed_through)
+    }
+}
+
+/// The changes of one tracker transaction.
+#[derive(Debug, Default)]
+pub struct Commit<'a> {
+    /// Allocate batch `time` with these blocks, moving `allocated_end` to the given position.
+    pub allocate: Option<(u64, &'a [BlockRef], WalPosition)>,
+    /// Batches up to and including this time are now complete.
+    pub completed_through: Option<u64>,
+    /// New receiver checkpoints.
+    pub checkpoints: Vec<(&'a str, &'a Checkpoint)>,
+    /// Forget batches with a time below this one (complete ones no window needs any more).
+    pub forget_before: Option<u64>,
+}
+
+impl Commit<'_> {
+    /// True if the commit changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.allocate.is_none()
+            && self.completed_through.is_none()
+            && self.checkpoints.is_empty()
+            && self.forget_before.is_none()
+    }
+}
+
+/// The tracker database.
+pub struct Tracker {
+    db: Database,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tracker")
+    }
+}
+
+fn encode_checkpoint(c: &Checkpoint) -> std::result::Result<Vec<u8>, postcard::Error> {
+    let v: Vec<(&str, i32, u64)> = c.iter().collect();
+    postcard::to_stdvec(&v)
+}
+
+fn decode_checkpoint(b: &[u8]) -> std::result::Result<Checkpoint, postcard::Error> {
+    let v: Vec<(String, i32, u64)> = postcard::from_bytes(b)?;
+    let mut c = Checkpoint::new();
+    for (s, p, o) in v {
+        c.raise(Arc::from(s), p, o);
+    }
+    Ok(c)
+}
+
+impl Tracker {
+    /// Opens (or creates) the tracker file at `path`.
+    ///
+    /// # Errors
+    /// [`TrackerError`] if the file cannot be opened (e.g. another process has it open).
+    pub fn open(path: &Path) -> Result<Tracker> {
+        let db = Database::create(path).map_err(|e| TrackerError {
+            what: "open",
+            detail: format!("{}: {e}", path.display()),
+        })?;
+        Tracker::init(db)
+    }
+
+    /// Opens (or creates) the tracker on a custom redb storage backend (used with the simulated
+    /// disk in crash tests).
+    ///
+    /// # Errors
+    /// [`TrackerError`] if the database cannot be opened.
+    pub fn open_backend(backend: impl redb::StorageBackend) -> Result<Tracker> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| err("open")(e.into()))?;
+        Tracker::init(db)
+    }
+
+    fn init(db: Database) -> Result<Tracker> {
+        let t = Tracker { db };
+        let tx = t.db.begin_write().map_err(|e| err("begin")(e.into()))?;
+        {
+            let mut meta = tx
+                .open_table(META)
+                .map_err(|e| err("open table")(e.into()))?;
+            let format = meta
+                .get(FORMAT)
+                .map_err(|e| err("read")(e.into()))?
+                .map(|v| v.value().to_vec());
+            match format {
+                None => {
+                    meta.insert(FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                        .map_err(|e| err("write")(e.into()))?;
+                }
+                Some(v) if v == FORMAT_VERSION.to_le_bytes() => {}
+                Some(v) => {
+                    return Err(TrackerError {
+                        what: "open",
+                        detail: format!(
+                        "tracker format {v:?} is not the one this build writes ({FORMAT_VERSION})"
+                    ),
+                    })
+                }
+            }
+            tx.open_table(BATCHES)
+                .map_err(|e| err("open table")(e.into()))?;
+            tx.open_table(CHECKPOINTS)
+                .map_err(|e| err("open table")(e.into()))?;
+        }
+        tx.commit().map_err(|e| err("commit")(e.into()))?;
+        Ok(t)
+    }
+
+    /// Reads everything.
+    ///
+    /// # Errors
+    /// [`TrackerError`] on a read or decoding failure.
+    pub fn load(&self) -> Result<TrackerState> {
+        let tx = self.db.begin_read().map_err(|e| err("begin")(e.into()))?;
+        let mut s = TrackerState::default();
+        let meta = tx
+            .open_table(META)
+            .map_err(|e| err("open table")(e.into()))?;
+        if let Some(v) = meta.get(ALLOCATED_END).map_err(|e| err("read")(e.into()))? {
+            s.allocated_end = postcard::from_bytes(v.value()).map_err(enc_err("decode"))?;
+        }
+        if let Some(v) = meta
+            .get(COMPLETED_THROUGH)
+            .map_err(|e| err("read")(e.into()))?
+        {
+            s.completed_through = Some(postcard::from_bytes(v.value()).map_err(enc_err("decode"))?);
+        }
+        let batches = tx
+            .open_table(BATCHES)
+            .map_err(|e| err("open table")(e.into()))?;
+        for row in batches.iter().map_err(|e| err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| err("read")(e.into()))?;
+            let blocks: Vec<BlockRef> =
+                postcard::from_bytes(v.value()).map_err(enc_err("decode batch"))?;
+            s.batches.insert(k.value(), blocks);
+        }
+        let cps = tx
+            .open_table(CHECKPOINTS)
+            .map_err(|e| err("open table")(e.into()))?;
+        for row in cps.iter().map_err(|e| err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| err("read")(e.into()))?;
+            let c = decode_checkpoint(v.value()).map_err(enc_err("decode checkpoint"))?;
+            s.checkpoints.insert(k.value().to_string(), c);
+        }
+        Ok(s)
+    }
+
+    /// Applies `c` in one durable transaction (fsynced before returning).
+    ///
+    /// # Errors
+    /// [`TrackerError`]; the transaction is then not applied.
+    pub fn commit(&self, c: &Commit<'_>) -> Result<()> {
+        let mut tx = self.db.begin_write().map_err(|e| err("begin")(e.into()))?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(|e| err("begin")(e.into()))?;
+        {
+            let mut meta = tx
+                .open_table(META)
+                .map_err(|e| err("open table")(e.into()))?;
+            let mut batches = tx
+                .open_table(BATCHES)
+                .map_err(|e| err("open table")(e.into()))?;
+            if let Some((time, blocks, end)) = c.allocate {
+                let v = postcard::to_stdvec(blocks).map_err(enc_err("encode"))?;
+                batches
+                    .insert(time, v.as_slice())
+                    .map_err(|e| err("write")(e.into()))?;
+                let v = postcard::to_stdvec(&end).map_err(enc_err("encode"))?;
+                meta.insert(ALLOCATED_END, v.as_slice())
+                    .map_err(|e| err("write")(e.into()))?;
+            }
+            if let Some(t) = c.completed_through {
+                let v = postcard::to_stdvec(&t).map_err(enc_err("encode"))?;
+                meta.insert(COMPLETED_THROUGH, v.as_slice())
+                    .map_err(|e| err("write")(e.into()))?;
+            }
+            if let Some(before) = c.forget_before {
+                batches
+                    .retain_in(..before, |_, _| false)
+                    .map_err(|e| err("write")(e.into()))?;
+            }
+            let mut cps = tx
+                .open_table(CHECKPOINTS)
+                .map_err(|e| err("open table")(e.into()))?;
+            for (name, cp) in &c.checkpoints {
+                let v = encode_checkpoint(cp).map_err(enc_err("encode"))?;
+                cps.insert(*name, v.as_slice())
+                    .map_err(|e| err("write")(e.into()))?;
+            }
+        }
+        tx.commit().map_err(|e| err("commit")(e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_receiver::Position;
+
+    fn block(segment: u64, offset: u64) -> BlockRef {
+        BlockRef {
+            handle: RecordHandle {
+                segment,
+                offset,
+                len: 10,
+            },
+            records: 3,
+            receiver: Arc::from("r"),
+        }
+    }
+
+    #[test]
+    fn commits_survive_reopening_and_forgetting_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tracker.redb");
+        let mut cp = Checkpoint::new();
+        cp.observe(&Position::offset("t", 2, 41));
+        {
+            let t = Tracker::open(&path).unwrap();
+            assert_eq!(t.load().unwrap(), TrackerState::default());
+            let b1 = [block(1, 32), block(1, 80)];
+            let end1 = WalPosition {
+                segment: 1,
+                offset: 128,
+            };
+            t.commit(&Commit {
+                allocate: Some((1000, &b1, end1)),
+                checkpoints: vec![("r", &cp)],
+                ..Commit::default()
+            })
+            .unwrap();
+            let b2 = [block(2, 32)];
+            let end2 = WalPosition {
+                segment: 2,
+                offset: 80,
+            };
+            t.commit(&Commit {
+                allocate: Some((2000, &b2, end2)),
+                completed_through: Some(1000),
+                ..Commit::default()
+            })
+            .unwrap();
+        }
+        let t = Tracker::open(&path).unwrap();
+        let s = t.load().unwrap();
+        assert_eq!(s.completed_through, Some(1000));
+        assert_eq!(s.allocated_end.segment, 2);
+        assert_eq!(s.last_allocated(), Some(2000));
+        assert_eq!(
+            s.incomplete().map(|(t, _)| *t).collect::<Vec<_>>(),
+            vec![2000]
+        );
+        assert_eq!(s.batches[&1000].len(), 2);
+        assert_eq!(s.checkpoints["r"].get("t", 2), Some(41));
+        t.commit(&Commit {
+            completed_through: Some(2000),
+            forget_before: Some(2000),
+            ..Commit::default()
+        })
+        .unwrap();
+        let s = t.load().unwrap();
+        assert_eq!(s.batches.keys().copied().collect::<Vec<_>>(), vec![2000]);
+        assert_eq!(s.incomplete().count(), 0);
+        assert_eq!(s.last_allocated(), Some(2000));
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_file_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tracker.redb");
+        let _t = Tracker::open(&path).unwrap();
+        let e = Tracker::open(&path).unwrap_err();
+        assert!(e.to_string().starts_with("tracker open:"), "{e}");
+    }
+}
