@@ -24,6 +24,8 @@ const ALLOCATED_END: &str = "allocated_end";
 const COMPLETED_THROUGH: &str = "completed_through";
 const FORMAT: &str = "format";
 const FORMAT_VERSION: u32 = 1;
+/// The first bytes of every complete redb file (written last when redb creates one).
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
 
 /// A tracker failure. The engine treats these as fatal: it stops rather than guess.
 #[derive(Debug, thiserror::Error)]
@@ -143,9 +145,33 @@ fn decode_checkpoint(b: &[u8]) -> std::result::Result<Checkpoint, postcard::Erro
 impl Tracker {
     /// Opens (or creates) the tracker file at `path`.
     ///
+    /// `first_start` says that the WAL holds no records, so no batch can have been allocated: a
+    /// tracker file left half-created by a crash (redb writes its header's magic last) is then
+    /// emptied and created afresh. Otherwise such a file is reported as damaged.
+    ///
     /// # Errors
-    /// [`TrackerError`] if the file cannot be opened (e.g. another process has it open).
-    pub fn open(path: &Path) -> Result<Tracker> {
+    /// [`TrackerError`] if the file cannot be opened (e.g. another process has it open) or is
+    /// damaged.
+    pub fn open(path: &Path, first_start: bool) -> Result<Tracker> {
+        let io = |e: std::io::Error| TrackerError {
+            what: "open",
+            detail: format!("{}: {e}", path.display()),
+        };
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            use std::io::Read;
+            let len = f.metadata().map_err(io)?.len();
+            let mut head = [0u8; REDB_MAGIC.len()];
+            let n = f.read(&mut head).map_err(io)?;
+            if len > 0 && (n < head.len() || head != REDB_MAGIC) {
+                Self::half_created(path.display().to_string(), first_start)?;
+                f.set_len(0).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+        }
         let db = Database::create(path).map_err(|e| TrackerError {
             what: "open",
             detail: format!("{}: {e}", path.display()),
@@ -154,15 +180,45 @@ impl Tracker {
     }
 
     /// Opens (or creates) the tracker on a custom redb storage backend (used with the simulated
-    /// disk in crash tests).
+    /// disk in crash tests). `first_start` as for [`Tracker::open`].
     ///
     /// # Errors
-    /// [`TrackerError`] if the database cannot be opened.
-    pub fn open_backend(backend: impl redb::StorageBackend) -> Result<Tracker> {
+    /// [`TrackerError`] if the database cannot be opened or is damaged.
+    pub fn open_backend(backend: impl redb::StorageBackend, first_start: bool) -> Result<Tracker> {
+        let io = |e: std::io::Error| TrackerError {
+            what: "open",
+            detail: e.to_string(),
+        };
+        let len = backend.len().map_err(io)?;
+        if len > 0 {
+            let mut head = [0u8; REDB_MAGIC.len()];
+            let n = (len as usize).min(head.len());
+            backend.read(0, &mut head[..n]).map_err(io)?;
+            if n < head.len() || head != REDB_MAGIC {
+                Self::half_created(format!("{backend:?}"), first_start)?;
+                backend.set_len(0).map_err(io)?;
+                backend.sync_data().map_err(io)?;
+            }
+        }
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(|e| err("open")(e.into()))?;
         Tracker::init(db)
+    }
+
+    fn half_created(what: String, first_start: bool) -> Result<()> {
+        if !first_start {
+            return Err(TrackerError {
+                what: "open",
+                detail: format!(
+                    "{what} has no database header although the WAL holds data: the tracker is \
+                     damaged; refusing to reset it (move it away to start over, which re-processes \
+                     every block in the WAL)"
+                ),
+            });
+        }
+        tracing::warn!(file = %what, "the tracker was left half-created by a crash; creating it afresh");
+        Ok(())
     }
 
     fn init(db: Database) -> Result<Tracker> {
@@ -310,7 +366,7 @@ mod tests {
         let mut cp = Checkpoint::new();
         cp.observe(&Position::offset("t", 2, 41));
         {
-            let t = Tracker::open(&path).unwrap();
+            let t = Tracker::open(&path, true).unwrap();
             assert_eq!(t.load().unwrap(), TrackerState::default());
             let b1 = [block(1, 32), block(1, 80)];
             let end1 = WalPosition {
@@ -335,7 +391,7 @@ mod tests {
             })
             .unwrap();
         }
-        let t = Tracker::open(&path).unwrap();
+        let t = Tracker::open(&path, true).unwrap();
         let s = t.load().unwrap();
         assert_eq!(s.completed_through, Some(1000));
         assert_eq!(s.allocated_end.segment, 2);
@@ -359,11 +415,22 @@ mod tests {
     }
 
     #[test]
+    fn a_half_created_file_is_reset_only_when_nothing_can_have_been_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tracker.redb");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let e = Tracker::open(&path, false).unwrap_err();
+        assert!(e.to_string().contains("refusing to reset it"), "{e}");
+        let t = Tracker::open(&path, true).unwrap();
+        assert_eq!(t.load().unwrap(), TrackerState::default());
+    }
+
+    #[test]
     fn a_second_open_of_the_same_file_fails_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tracker.redb");
-        let _t = Tracker::open(&path).unwrap();
-        let e = Tracker::open(&path).unwrap_err();
+        let _t = Tracker::open(&path, true).unwrap();
+        let e = Tracker::open(&path, true).unwrap_err();
         assert!(e.to_string().starts_with("tracker open:"), "{e}");
     }
 }

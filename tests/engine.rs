@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use weir::receiver::{Position, Receiver, ReceiverContext, ReceiverError, Record};
-use weir::tracker::Tracker;
 use weir::wal::sim::SimStorage;
 use weir::{ClockMode, StreamingConfig, StreamingContext};
 
@@ -402,8 +401,7 @@ fn sample_max(
 async fn a_slow_disk_makes_store_wait_with_bounded_memory_and_no_loss() {
     let sim = SimStorage::new();
     sim.set_sync_delay(Duration::from_millis(20));
-    let dir = tempfile::tempdir().unwrap();
-    let tracker = Tracker::open(&dir.path().join("tracker.redb")).unwrap();
+    let tracker = sim.redb_backend("tracker.redb").unwrap();
     let config = StreamingConfig {
         block_max_bytes: 16 << 10,
         max_pending_bytes: 64 << 10,

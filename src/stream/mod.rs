@@ -74,11 +74,15 @@ pub enum EngineError {
     },
 }
 
+pub(crate) type TrackerOpener =
+    Box<dyn FnOnce(bool) -> Result<Tracker, TrackerError> + Send + 'static>;
+
 pub(crate) enum StorageChoice {
     Dir(PathBuf),
     Custom {
         wal: Arc<dyn Storage>,
-        tracker: Tracker,
+        /// Opens the tracker; the argument is `first_start` (see [`Tracker::open`]).
+        tracker: TrackerOpener,
     },
 }
 
@@ -136,12 +140,19 @@ impl StreamingContext {
         }
     }
 
-    /// A context on custom storage: the WAL on `wal`, the tracker as given (e.g. both on
-    /// [`SimStorage`](crate::wal::sim::SimStorage) for crash tests).
-    pub fn with_storage(config: StreamingConfig, wal: Arc<dyn Storage>, tracker: Tracker) -> Self {
+    /// A context on custom storage: the WAL on `wal`, the tracker on a redb storage backend
+    /// (e.g. both on [`SimStorage`](crate::wal::sim::SimStorage) for crash tests).
+    pub fn with_storage(
+        config: StreamingConfig,
+        wal: Arc<dyn Storage>,
+        tracker: impl redb::StorageBackend,
+    ) -> Self {
         StreamingContext {
             config,
-            storage: StorageChoice::Custom { wal, tracker },
+            storage: StorageChoice::Custom {
+                wal,
+                tracker: Box::new(move |first| Tracker::open_backend(tracker, first)),
+            },
             receivers: Vec::new(),
             jobs: Vec::new(),
         }

@@ -41,11 +41,12 @@ pub(crate) fn recover(
                 EngineError::Recovery(format!("creating {}: {e}", wal_dir.display()))
             })?;
             let (wal, report) = Wal::open_dir(&wal_dir, config.wal.clone())?;
-            let tracker = Tracker::open(&dir.join("tracker.redb"))?;
+            let tracker = Tracker::open(&dir.join("tracker.redb"), report.records == 0)?;
             (wal, report, tracker)
         }
         StorageChoice::Custom { wal, tracker } => {
             let (wal, report) = Wal::open(wal, config.wal.clone())?;
+            let tracker = tracker(report.records == 0)?;
             (wal, report, tracker)
         }
     };
