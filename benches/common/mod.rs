@@ -207,3 +207,30 @@ pub fn fio_write(bs: u64, size: u64, secs: f64, warmup: f64) -> Result<FioWrite,
         sync_p99_ns: num(&sync["99.000000"]),
     })
 }
+
+/// Sequential 1 MiB buffered writes to a fresh file, one fsync at the end, bounded by `secs`
+/// seconds and `size` bytes: the most the disk absorbs when nobody waits for durability (the
+/// ceiling for any WAL).
+pub fn fio_write_buffered(size: u64, secs: f64) -> Result<FioWrite, String> {
+    let tmp = tempfile::tempdir_in(bench_dir()).map_err(|e| format!("temp dir: {e}"))?;
+    let mut args = fio_common("ceiling", tmp.path());
+    args.extend([
+        "--rw=write".to_owned(),
+        "--bs=1M".to_owned(),
+        format!("--size={size}"),
+        "--end_fsync=1".to_owned(),
+        format!("--runtime={}", secs.ceil() as u64),
+    ]);
+    let j = fio_json(&args);
+    drop(tmp);
+    let j = j?;
+    let w = &j["write"];
+    Ok(FioWrite {
+        bs: 1 << 20,
+        bw_bytes: num(&w["bw_bytes"]),
+        iops: num(&w["iops"]),
+        secs: num(&w["runtime"]) / 1000.0,
+        sync_p50_ns: f64::NAN,
+        sync_p99_ns: f64::NAN,
+    })
+}

@@ -63,6 +63,9 @@ fn unzigzag(v: u64) -> Result<i32, BlockDecodeError> {
 #[derive(Debug, Default)]
 pub struct BlockBuilder {
     buf: BytesMut,
+    /// Capacity of each new block's buffer: blocks are cut before they outgrow it, so the
+    /// buffer never reallocates (and never doubles its memory) while records are added.
+    capacity: usize,
     records: u32,
     streams: HashMap<Arc<str>, u64>,
     stream_names: Vec<Arc<str>>,
@@ -72,7 +75,8 @@ impl BlockBuilder {
     /// An empty block with room for `capacity` bytes.
     pub fn with_capacity(capacity: usize) -> Self {
         BlockBuilder {
-            buf: BytesMut::with_capacity(capacity),
+            buf: BytesMut::new(),
+            capacity,
             ..BlockBuilder::default()
         }
     }
@@ -113,6 +117,9 @@ impl BlockBuilder {
         }
         if r.position.is_some() {
             flags |= HAS_POSITION;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf = BytesMut::with_capacity(self.capacity);
         }
         self.buf.reserve(r.payload.len() + 11);
         self.buf.put_u8(flags);

@@ -354,7 +354,7 @@ impl Generator {
             name,
             writer,
             state: Mutex::new(GenState {
-                builder: BlockBuilder::with_capacity(block_max.min(1 << 20)),
+                builder: BlockBuilder::with_capacity(block_max + (64 << 10)),
                 checkpoint,
                 done: watch::channel(None).0,
                 permit: None,

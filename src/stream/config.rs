@@ -31,10 +31,10 @@ pub struct StreamingConfig {
     /// `max_record_bytes`).
     pub block_max_bytes: u64,
     /// Per receiver: bytes accepted by `store()` but not yet durable. When reached, `store()`
-    /// waits (backpressure). Default 64 MiB; at least `block_max_bytes`.
+    /// waits (backpressure). Default 32 MiB; at least `block_max_bytes`.
     pub max_pending_bytes: u64,
     /// Bytes of durable blocks kept in memory for batch processing; blocks beyond it are read back
-    /// from the WAL (with checksum verification) when needed. Default 256 MiB.
+    /// from the WAL (with checksum verification) when needed. Default 128 MiB.
     pub block_cache_bytes: u64,
     /// How batches are triggered. Default `interval`.
     pub clock: ClockMode,
@@ -63,8 +63,8 @@ impl Default for StreamingConfig {
             batch_interval_ms: 1000,
             block_interval_ms: 200,
             block_max_bytes: 4 << 20,
-            max_pending_bytes: 64 << 20,
-            block_cache_bytes: 256 << 20,
+            max_pending_bytes: 32 << 20,
+            block_cache_bytes: 128 << 20,
             clock: ClockMode::Interval,
             receiver_restart_initial_ms: 100,
             receiver_restart_max_ms: 30_000,
