@@ -1,9 +1,14 @@
 //! weir: ingest data streams without losing data.
 //!
-//! Receivers hand records to a block generator; every block is written, checksummed, to a
-//! write-ahead log and fsynced before the source is acknowledged; a batch clock turns durable
-//! blocks into immutable batches. This crate currently provides the foundation: the
-//! write-ahead log ([`wal`]).
+//! Receivers ([`receiver`], the `weir-receiver` crate) hand records to a block generator; every
+//! block is written, checksummed, to a write-ahead log ([`wal`]) and fsynced before the source is
+//! acknowledged; a batch clock turns durable blocks into immutable batches ([`Batch`]) that jobs
+//! process; after a crash, recovery gives back every acknowledged record. The entry point is
+//! [`StreamingContext`]; the pieces are [`block`] (generator, writer, cache), [`tracker`] (batch
+//! allocation in `redb`), [`batch`], [`stream`] (clock, scheduler, recovery, supervisor, metrics)
+//! and [`rate`] (rate limits and PID backpressure).
+//!
+//! The WAL on its own:
 //!
 //! ```
 //! use weir::wal::{Wal, WalConfig, WalPosition};
