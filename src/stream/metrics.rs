@@ -50,45 +50,6 @@ pub struct ReceiverMetrics {
     pub(crate) running: AtomicU64,
 }
 
-impl ReceiverMetrics {
-    /// Records handed to `store()` (counter).
-    pub fn records_received(&self) -> u64 {
-        self.records_received.load(Relaxed)
-    }
-    /// Records whose `store()` resolved durable (counter).
-    pub fn records_stored(&self) -> u64 {
-        self.records_stored.load(Relaxed)
-    }
-    /// Blocks made durable (counter).
-    pub fn blocks_stored(&self) -> u64 {
-        self.blocks_stored.load(Relaxed)
-    }
-    /// Restarts by the supervisor (counter).
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(Relaxed)
-    }
-    /// Errors the receiver reported with `report_error` (counter).
-    pub fn errors_reported(&self) -> u64 {
-        self.errors_reported.load(Relaxed)
-    }
-    /// Bytes accepted but not yet durable (gauge).
-    pub fn pending_bytes(&self) -> u64 {
-        self.pending_bytes.load(Relaxed)
-    }
-    /// `store()` calls that waited because `max_pending_bytes` was reached (counter).
-    pub fn backpressure_waits(&self) -> u64 {
-        self.backpressure_waits.load(Relaxed)
-    }
-    /// Time `store()` calls waited for the rate limit, µs (counter).
-    pub fn throttled_us(&self) -> u64 {
-        self.throttled_us.load(Relaxed)
-    }
-    /// Current rate limit in records/s, 0 = none (gauge).
-    pub fn rate_limit(&self) -> u64 {
-        self.rate_limit.load(Relaxed)
-    }
-}
-
 /// Engine-wide counters and gauges. Cheap to update (relaxed atomics), read at any time.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -117,6 +78,29 @@ macro_rules! getters {
     ($($(#[$m:meta])* $name:ident),* $(,)?) => {
         $( $(#[$m])* pub fn $name(&self) -> u64 { self.$name.load(Relaxed) } )*
     };
+}
+
+impl ReceiverMetrics {
+    getters! {
+        /// Records handed to `store()` (counter).
+        records_received,
+        /// Records whose `store()` resolved durable (counter).
+        records_stored,
+        /// Blocks made durable (counter).
+        blocks_stored,
+        /// Restarts by the supervisor (counter).
+        restarts,
+        /// Errors the receiver reported with `report_error` (counter).
+        errors_reported,
+        /// Bytes accepted but not yet durable (gauge).
+        pending_bytes,
+        /// `store()` calls that waited because `max_pending_bytes` was reached (counter).
+        backpressure_waits,
+        /// Time `store()` calls waited for the rate limit, µs (counter).
+        throttled_us,
+        /// Current rate limit in records/s, 0 = none (gauge).
+        rate_limit,
+    }
 }
 
 impl Metrics {
