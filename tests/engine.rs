@@ -516,3 +516,56 @@ async fn a_slow_job_lowers_the_rate_so_store_waits_with_bounded_memory_and_no_lo
     assert!(max_cache <= 256 << 10, "cache grew to {max_cache}");
     check_exactly_once(&seen, n);
 }
+
+/// Stores one record and hands the outcome of its `store()` to the test.
+struct OneShot {
+    result: Mutex<Option<tokio::sync::oneshot::Sender<Result<(), String>>>>,
+}
+
+impl Receiver for OneShot {
+    async fn run(&self, ctx: ReceiverContext) -> Result<(), ReceiverError> {
+        // The future is awaited by a task of its own, which the engine does not own or abort.
+        let fut = ctx.store_one(Record::new("never cut"));
+        let tx = self.result.lock().unwrap().take();
+        tokio::spawn(async move {
+            let r = fut.await;
+            if let Some(tx) = tx {
+                let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+            }
+        });
+        ctx.shutdown().requested().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_running_context_fails_pending_stores_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StreamingConfig {
+        clock: ClockMode::Manual,
+        block_interval_ms: 60_000,
+        ..StreamingConfig::default()
+    };
+    let mut ctx = StreamingContext::new(config, dir.path());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    ctx.add_receiver(
+        "one",
+        OneShot {
+            result: Mutex::new(Some(tx)),
+        },
+    );
+    let running = ctx.start().await.unwrap();
+    let r = running.metrics().engine().receiver("one");
+    wait_for("the store call", Duration::from_secs(10), || {
+        r.records_received() == 1
+    })
+    .await;
+    drop(running);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), rx).await;
+    match outcome {
+        Ok(Ok(Err(e))) => assert!(e.contains("shutting down"), "{e}"),
+        Ok(Err(_closed)) => panic!("the waiting task vanished"),
+        Ok(Ok(Ok(()))) => panic!("a record in a block never written was acknowledged"),
+        Err(_) => panic!("store() hung after the context was dropped"),
+    }
+}

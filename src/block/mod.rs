@@ -420,6 +420,21 @@ impl Generator {
         self.budget.close();
     }
 
+    /// The engine is going away without a graceful stop: refuse further calls and fail the
+    /// waiters of the block that will never be cut (their records were never durable).
+    pub(crate) fn abort(&self) {
+        let mut st = lock(&self.state);
+        self.closed.store(true, Relaxed);
+        self.budget.close();
+        st.builder = BlockBuilder::with_capacity(0);
+        st.done.send_replace(Some(Err(StoreError::ShuttingDown)));
+        if let Some(p) = st.permit.take() {
+            self.metrics
+                .pending_bytes
+                .fetch_sub((p.num_permits() as u64) << 10, Relaxed);
+        }
+    }
+
     fn cut_locked(&self, st: &mut GenState) {
         if st.builder.is_empty() {
             return;

@@ -601,7 +601,8 @@ impl Engine {
     }
 
     async fn block_timer(self: Arc<Self>, stop: weir_receiver::Shutdown) {
-        let mut tick = tokio::time::interval(Duration::from_millis(self.config.block_interval_ms));
+        let period = Duration::from_millis(self.config.block_interval_ms);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -876,5 +877,8 @@ impl Drop for RunningContext {
             h.abort();
         }
         lock(&self.engine.queue).take();
+        for (_, g) in &self.engine.generators {
+            g.abort();
+        }
     }
 }
