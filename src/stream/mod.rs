@@ -287,7 +287,7 @@ impl StreamingContext {
         let engine = Arc::new(Engine {
             config: config.clone(),
             wal: wal.clone(),
-            tracker: rec.tracker,
+            tracker: Mutex::new(Some(rec.tracker)),
             writer: writer.clone(),
             source,
             cache,
@@ -375,7 +375,8 @@ struct Schedule {
 struct Engine {
     config: StreamingConfig,
     wal: Arc<Wal>,
-    tracker: Tracker,
+    /// Taken (closed) by a graceful stop, so that the file is free when `stop` returns.
+    tracker: Mutex<Option<Tracker>>,
     writer: Arc<BlockWriter>,
     source: Arc<BlockSource>,
     cache: Arc<BlockCache>,
@@ -464,7 +465,11 @@ impl Engine {
             checkpoints: cps,
             forget_before,
         };
-        if let Err(e) = self.tracker.commit(&commit) {
+        let committed = match &*lock(&self.tracker) {
+            Some(t) => t.commit(&commit).map_err(|e| e.to_string()),
+            None => Err("the engine has stopped".to_string()),
+        };
+        if let Err(e) = committed {
             let msg = format!("allocating batch {time}: {e}");
             self.fail(msg.clone());
             return Err(EngineError::Failed(msg));
@@ -494,11 +499,13 @@ impl Engine {
         if completed <= persisted {
             return Ok(());
         }
-        self.tracker.commit(&Commit {
-            completed_through: completed,
-            forget_before,
-            ..Commit::default()
-        })?;
+        if let Some(t) = &*lock(&self.tracker) {
+            t.commit(&Commit {
+                completed_through: completed,
+                forget_before,
+                ..Commit::default()
+            })?;
+        }
         self.metrics.tracker_commits.fetch_add(1, Relaxed);
         let mut s = lock(&self.schedule);
         s.persisted_completed = completed;
@@ -840,7 +847,11 @@ impl RunningContext {
         };
         if let Some(w) = self.writer_task.take() {
             w.abort();
+            let _ = w.await;
         }
+        // Close the tracker and the WAL now (not when the last reference goes), so that the data
+        // directory can be opened again as soon as `stop` returns.
+        lock(&e.tracker).take();
         let closed = e.wal.close();
         if let Some(f) = e.failed() {
             return Err(EngineError::Failed(f));

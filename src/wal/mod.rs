@@ -381,7 +381,8 @@ impl Future for AppendFuture {
 pub struct Wal {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    _lock: Box<dyn LockGuard>,
+    /// The directory lock; released by [`Wal::close`] (or on drop).
+    dir_lock: Mutex<Option<Box<dyn LockGuard>>>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -609,7 +610,7 @@ impl Wal {
             Wal {
                 shared,
                 writer: Mutex::new(Some(handle)),
-                _lock: lock_guard,
+                dir_lock: Mutex::new(Some(lock_guard)),
             },
             report,
         ))
@@ -785,7 +786,9 @@ impl Wal {
     }
 
     /// Stops accepting appends, writes and (whatever the policy) fsyncs everything queued,
-    /// and stops the writer thread. Dropping the `Wal` does the same.
+    /// stops the writer thread and releases the directory lock, so another `Wal` may open the
+    /// directory at once (reads through this one should stop then). Dropping the `Wal` does the
+    /// same.
     ///
     /// # Errors
     /// [`WalError::Fatal`] if the log had stopped, or the final writes failed.
@@ -795,9 +798,12 @@ impl Wal {
         let handle = lock(&self.writer).take();
         if let Some(h) = handle {
             if h.join().is_err() {
+                lock(&self.dir_lock).take();
                 return Err(WalError::Fatal("the WAL writer thread panicked".to_owned()));
             }
         }
+        // Nothing more is written: another opener may take the directory now.
+        lock(&self.dir_lock).take();
         match self.fatal_error() {
             Some(msg) => Err(WalError::Fatal(msg)),
             None => Ok(()),
