@@ -225,8 +225,14 @@ fn a_second_opener_gets_a_clear_lock_error() {
         msg.contains("in use") && msg.contains(&format!("pid {}", std::process::id())),
         "{msg}"
     );
+    // Released by close(), even while the Wal value is still around (e.g. shared by readers).
+    wal.close().unwrap();
+    let (again, _) = Wal::open_dir(dir.path(), WalConfig::default()).unwrap();
+    drop(again);
     drop(wal);
-    // Released on close.
+    // And on drop.
+    let (wal, _) = Wal::open_dir(dir.path(), WalConfig::default()).unwrap();
+    drop(wal);
     assert!(Wal::open_dir(dir.path(), WalConfig::default()).is_ok());
 }
 
