@@ -725,6 +725,7 @@ pub fn write_verify(report: &DirReport, out: &mut dyn Write) -> io::Result<()> {
 pub fn write_dump_event(
     ev: &DumpEvent<'_>,
     format: DumpFormat,
+    max_bytes: Option<usize>,
     out: &mut dyn Write,
     notes: &mut dyn Write,
 ) -> io::Result<()> {
@@ -732,29 +733,45 @@ pub fn write_dump_event(
         DumpEvent::Record {
             segment,
             offset,
-            payload,
-        } => match format {
-            DumpFormat::Text => writeln!(
-                out,
-                "segment {segment} offset {offset} len {}: {}",
-                payload.len(),
-                escape_payload(payload)
-            ),
-            DumpFormat::Hex => {
-                writeln!(
+            payload: full,
+        } => {
+            // Text and hex show at most `max_bytes` of each payload; JSON is always complete.
+            let cut = match format {
+                DumpFormat::Json => full.len(),
+                _ => max_bytes.map_or(full.len(), |m| m.min(full.len())),
+            };
+            let payload = &full[..cut];
+            let more = if cut < full.len() {
+                format!(
+                    " ... ({} more bytes; --max-bytes shows more)",
+                    full.len() - cut
+                )
+            } else {
+                String::new()
+            };
+            match format {
+                DumpFormat::Text => writeln!(
                     out,
-                    "segment {segment} offset {offset} len {}:",
-                    payload.len()
-                )?;
-                out.write_all(hex_dump(payload, "  ").as_bytes())
-            }
-            DumpFormat::Json => writeln!(
+                    "segment {segment} offset {offset} len {}: {}{more}",
+                    full.len(),
+                    escape_payload(payload)
+                ),
+                DumpFormat::Hex => {
+                    writeln!(
+                        out,
+                        "segment {segment} offset {offset} len {}:{more}",
+                        full.len()
+                    )?;
+                    out.write_all(hex_dump(payload, "  ").as_bytes())
+                }
+                DumpFormat::Json => writeln!(
                 out,
                 "{{\"segment\":{segment},\"offset\":{offset},\"len\":{},\"payload_hex\":\"{}\"}}",
                 payload.len(),
                 to_hex(payload)
             ),
-        },
+            }
+        }
         DumpEvent::Damaged(c) => writeln!(notes, "warning: DAMAGED: {}", damage(c, " skipped")),
         DumpEvent::TornTail {
             segment,

@@ -79,6 +79,10 @@ enum WalCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Show at most N bytes of each payload in text and hex output (json is always
+        /// complete); 0 shows everything.
+        #[arg(long, value_name = "N", default_value_t = 200)]
+        max_bytes: usize,
     },
 }
 
@@ -144,6 +148,7 @@ fn run_wal(cmd: WalCommand) -> Result<u8, InspectError> {
             from,
             limit,
             format,
+            max_bytes,
         } => {
             let mut printed = 0u64;
             let mut damaged = false;
@@ -165,7 +170,8 @@ fn run_wal(cmd: WalCommand) -> Result<u8, InspectError> {
                     // Keep stdout and stderr in order when both go to a terminal.
                     out.flush()?;
                 }
-                inspect::write_dump_event(&ev, format, &mut out, &mut notes)?;
+                let max = (max_bytes > 0).then_some(max_bytes);
+                inspect::write_dump_event(&ev, format, max, &mut out, &mut notes)?;
                 Ok(ControlFlow::Continue(()))
             })?;
             if damaged {
