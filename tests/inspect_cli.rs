@@ -191,7 +191,24 @@ fn list_shows_every_segment_with_size_records_and_status() {
 fn dump_prints_every_payload_in_order_in_each_format() {
     let (dir, handles) = make_wal(12, small_segments());
 
-    let (code, out, err) = wal(&["dump"], dir.path());
+    // By default text shows at most 200 bytes of each payload.
+    let (code, out, err) = wal(&["dump", "--max-bytes", "5"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    let first = out.lines().next().unwrap();
+    let p0 = String::from_utf8(payload(0)).unwrap();
+    assert_eq!(
+        first,
+        format!(
+            "segment {} offset {} len {}: \"{}\" ... ({} more bytes; --max-bytes shows more)",
+            handles[0].segment,
+            handles[0].offset,
+            handles[0].len,
+            &p0[..5],
+            p0.len() - 5
+        )
+    );
+
+    let (code, out, err) = wal(&["dump", "--max-bytes", "0"], dir.path());
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 12);
@@ -219,7 +236,18 @@ fn dump_prints_every_payload_in_order_in_each_format() {
         );
     }
 
-    let (code, out, _) = wal(&["dump", "--format", "hex", "--limit", "1"], dir.path());
+    let (code, out, _) = wal(
+        &[
+            "dump",
+            "--format",
+            "hex",
+            "--limit",
+            "1",
+            "--max-bytes",
+            "0",
+        ],
+        dir.path(),
+    );
     assert_eq!(code, 0);
     let h = handles[0];
     assert!(
