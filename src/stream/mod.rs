@@ -724,7 +724,9 @@ pub struct StopReport {
 }
 
 /// A running engine. Stop it with [`stop`](Self::stop); dropping it stops everything abruptly
-/// (like a crash, and as safe: what was acknowledged is in the WAL).
+/// (like a crash, and as safe: what was acknowledged is in the WAL; pending `store()` calls
+/// fail). After a drop the data directory stays locked until the engine's last tasks (a running
+/// job, say) have ended; `stop` releases it before it returns.
 pub struct RunningContext {
     engine: Arc<Engine>,
     receivers_stop: ShutdownTrigger,
