@@ -26,6 +26,7 @@
 pub mod batch;
 pub mod block;
 pub mod inspect;
+pub mod node;
 pub mod rate;
 pub mod stream;
 pub mod tracker;

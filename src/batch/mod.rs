@@ -119,6 +119,36 @@ impl Batch {
         self.load(i)?.to_vec().map_err(|e| self.decode_err(i, e))
     }
 
+    /// Runs `f` on each block (partition) and its records, one block after another in log
+    /// order, stopping at the first error. Memory holds one block at a time: for outputs.
+    ///
+    /// # Errors
+    /// [`BatchError`] if a block cannot be read, or `f`'s error.
+    pub fn for_each_block<E, F>(&self, mut f: F) -> Result<(), E>
+    where
+        E: From<BatchError>,
+        F: FnMut(&BlockRef, &mut dyn Iterator<Item = Record>) -> Result<(), E>,
+    {
+        for i in 0..self.blocks.len() {
+            let block = self.load(i)?;
+            let mut err = None;
+            let mut it = block.records().map_while(|r| match r {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    err = Some(e);
+                    None
+                }
+            });
+            let out = f(&self.blocks[i], &mut it);
+            drop(it);
+            if let Some(e) = err {
+                return Err(self.decode_err(i, e).into());
+            }
+            out?;
+        }
+        Ok(())
+    }
+
     /// Runs `f` over every partition's records in parallel; results in partition order.
     ///
     /// # Errors

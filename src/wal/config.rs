@@ -7,8 +7,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// When appended records are fsynced, and therefore what an acknowledgement means.
+///
+/// In configuration files it is a string: `"always"`, `"never"` or `"interval(MS)"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum FsyncPolicy {
     /// Every group commit ends with one `fdatasync`; an append's future resolves only after
     /// it. **An acknowledgement means durable**: the record survives a crash or power loss.
@@ -27,6 +29,19 @@ pub enum FsyncPolicy {
     /// **An acknowledgement means written to the OS only.** For comparisons and for data that
     /// may be lost.
     Never,
+}
+
+impl TryFrom<String> for FsyncPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<FsyncPolicy> for String {
+    fn from(p: FsyncPolicy) -> String {
+        p.to_string()
+    }
 }
 
 impl FsyncPolicy {

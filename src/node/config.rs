@@ -1,0 +1,390 @@
+//! The `receiver-node` configuration file (TOML).
+//!
+//! ```toml
+//! data_dir = "weir-data/node"          # WAL under data_dir/wal, tracker in data_dir/tracker.redb
+//!
+//! [engine]                             # StreamingConfig: every key optional
+//! batch_interval_ms = 1000
+//! block_interval_ms = 200
+//! [engine.wal]
+//! fsync = "always"                     # "always" | "never" | "interval(MS)"
+//! recovery = "strict"                  # "strict" | "skip_corrupt"
+//! segment_max_bytes = 67108864
+//! [engine.rate]
+//! max_records_per_sec = 100000         # per receiver
+//! backpressure = true
+//!
+//! [[receiver]]
+//! name = "socket"
+//! type = "socket"
+//! mode = "listen"                      # the rest: see weir-socket's SocketConfig
+//! address = "127.0.0.1:9999"
+//! protocol = "frames"
+//!
+//! [[output]]
+//! type = "dir"                         # one file per batch, written atomically
+//! path = "weir-data/node/out"
+//! format = "jsonl"                     # "lines" | "jsonl"
+//!
+//! [metrics]
+//! address = "127.0.0.1:9898"           # Prometheus text at /metrics, readiness at /health
+//!
+//! [log]
+//! format = "text"                      # "text" | "json"
+//! level = "info"                       # a tracing filter, e.g. "info,weir=debug"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::stream::StreamingConfig;
+
+/// The configuration used when `receiver-node run` is given no `--config`: a socket receiver
+/// listening on 127.0.0.1:9999 for newline-delimited records, batches written under
+/// `weir-data/node/out`, metrics on 127.0.0.1:9898. No external services.
+pub const EMBEDDED_DEFAULT: &str = r#"# receiver-node's embedded default configuration.
+data_dir = "weir-data/node"
+
+[[receiver]]
+name = "socket"
+type = "socket"
+mode = "listen"
+address = "127.0.0.1:9999"
+protocol = "lines"
+
+[[output]]
+type = "dir"
+path = "weir-data/node/out"
+format = "lines"
+"#;
+
+/// A complete, validated node configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeConfig {
+    /// Where the WAL and the tracker live.
+    pub data_dir: PathBuf,
+    /// The engine's settings.
+    pub engine: StreamingConfig,
+    /// The receivers, in file order.
+    #[serde(rename = "receiver")]
+    pub receivers: Vec<ReceiverSpec>,
+    /// The outputs every batch is written to, in file order.
+    #[serde(rename = "output")]
+    pub outputs: Vec<OutputConfig>,
+    /// The metrics listener.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// One `[[receiver]]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiverSpec {
+    /// Unique, stable name (it keys checkpoints and metrics).
+    pub name: String,
+    /// The receiver's own settings.
+    #[serde(flatten)]
+    pub kind: ReceiverKind,
+}
+
+/// The receiver types and their settings.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReceiverKind {
+    /// TCP socket (connect or listen mode).
+    Socket(weir_socket::SocketConfig),
+}
+
+/// How records are written by an output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// One record's payload per line (payloads containing newlines are written as they are).
+    #[default]
+    Lines,
+    /// One JSON object per record: payload (UTF-8, or base64 in `payload_base64`), key,
+    /// headers, source position and receiver name.
+    Jsonl,
+}
+
+/// One `[[output]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OutputConfig {
+    /// One file per batch in `path`, named by batch time (`batch-<ms since epoch>.txt` or
+    /// `.jsonl`), written atomically (temp file, fsync, rename, fsync directory); a re-run batch
+    /// rewrites the same file with the same contents. Empty batches write no file.
+    Dir {
+        /// The directory (created if missing).
+        path: PathBuf,
+        /// Record format.
+        #[serde(default)]
+        format: OutputFormat,
+    },
+    /// Every record on standard output (for trying things out).
+    Stdout {
+        /// Record format.
+        #[serde(default)]
+        format: OutputFormat,
+    },
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address of the HTTP endpoint (`/metrics`, `/health`). Default 127.0.0.1:9898.
+    pub address: SocketAddr,
+    /// Set to false to run without the endpoint. Default true.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 9898)),
+            enabled: true,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Line format. Default text.
+    pub format: LogFormat,
+    /// A `tracing` filter (`RUST_LOG` syntax), e.g. `info` or `info,weir=debug`. Default
+    /// `info`; the `RUST_LOG` environment variable overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    engine: StreamingConfig,
+    #[serde(default)]
+    receiver: Vec<toml::Spanned<toml::Table>>,
+    #[serde(default)]
+    output: Vec<OutputConfig>,
+    #[serde(default)]
+    metrics: MetricsConfig,
+    #[serde(default)]
+    log: LogConfig,
+}
+
+/// A configuration error, naming where it is.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    origin: String,
+    message: String,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl NodeConfig {
+    /// Reads and validates a configuration file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key (and line where known) and what is expected.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })?;
+        NodeConfig::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key (and line where known) and what is expected.
+    pub fn parse(text: &str, origin: &str) -> Result<NodeConfig, ConfigError> {
+        let err = |message: String| ConfigError {
+            origin: origin.to_string(),
+            message,
+        };
+        let raw: Raw =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        let mut receivers = Vec::new();
+        for (i, spanned) in raw.receiver.iter().enumerate() {
+            let line = line_of(text, spanned.span().start);
+            let mut table = spanned.get_ref().clone();
+            let at = |what: String| err(format!("[[receiver]] #{} (line {line}): {what}", i + 1));
+            let name = match table.remove("name") {
+                Some(toml::Value::String(s)) if !s.is_empty() => s,
+                Some(_) => return Err(at("`name` must be a non-empty string".into())),
+                None => return Err(at("missing key `name` (a unique, stable name)".into())),
+            };
+            let kind = match table.remove("type") {
+                Some(toml::Value::String(s)) => s,
+                Some(_) => return Err(at("`type` must be a string".into())),
+                None => return Err(at("missing key `type` (expected \"socket\")".into())),
+            };
+            let at = |what: String| err(format!("[[receiver]] {name:?} (line {line}): {what}"));
+            let kind = match kind.as_str() {
+                "socket" => {
+                    let c: weir_socket::SocketConfig = toml::Value::Table(table)
+                        .try_into()
+                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
+                    c.validate().map_err(at)?;
+                    ReceiverKind::Socket(c)
+                }
+                other => {
+                    return Err(at(format!(
+                        "unknown receiver type {other:?} (expected \"socket\")"
+                    )))
+                }
+            };
+            if receivers.iter().any(|r: &ReceiverSpec| r.name == name) {
+                return Err(at("a receiver with this name already exists".into()));
+            }
+            receivers.push(ReceiverSpec { name, kind });
+        }
+        let config = NodeConfig {
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("weir-data/node")),
+            engine: raw.engine,
+            receivers,
+            outputs: raw.output,
+            metrics: raw.metrics,
+            log: raw.log,
+        };
+        config.validate().map_err(err)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.engine
+            .validate()
+            .map_err(|e| format!("[engine] {e}"))?;
+        if self.receivers.is_empty() {
+            return Err("no [[receiver]]: add at least one (see examples/*.toml)".into());
+        }
+        if self.outputs.is_empty() {
+            return Err(
+                "no [[output]]: add one (type = \"dir\" or \"stdout\"), or batches go nowhere"
+                    .into(),
+            );
+        }
+        for o in &self.outputs {
+            if let OutputConfig::Dir { path, .. } = o {
+                if path.as_os_str().is_empty() {
+                    return Err("[[output]] type = \"dir\": `path` must not be empty".into());
+                }
+            }
+        }
+        if self.log.level.trim().is_empty() {
+            return Err("[log] level must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The effective configuration (every default filled in), as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let c = NodeConfig::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert_eq!(c.receivers.len(), 1);
+        assert_eq!(c.data_dir, PathBuf::from("weir-data/node"));
+        // The effective configuration parses back to the same thing.
+        let again = NodeConfig::parse(&c.to_toml(), "printed").unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_line() {
+        let bad =
+            EMBEDDED_DEFAULT.replace("protocol = \"lines\"", "protocol = \"lines\"\nbogus = 1");
+        let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("f.toml: [[receiver]] \"socket\" (line 4):"),
+            "{e}"
+        );
+        assert!(e.contains("bogus"), "{e}");
+
+        let bad = format!("{EMBEDDED_DEFAULT}\n[engine]\nbatch_interval = 5\n");
+        let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
+        assert!(e.contains("batch_interval") && e.contains("line 17"), "{e}");
+
+        let bad = format!("{EMBEDDED_DEFAULT}\n[engine]\nblock_interval_ms = 0\n");
+        let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("[engine] block_interval_ms must be greater than 0"),
+            "{e}"
+        );
+
+        let bad = format!("{EMBEDDED_DEFAULT}\n[engine.wal]\nfsync = \"sometimes\"\n");
+        let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
+        assert!(e.contains("sometimes"), "{e}");
+
+        let bad = EMBEDDED_DEFAULT.replace("type = \"socket\"", "type = \"carrier-pigeon\"");
+        let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown receiver type \"carrier-pigeon\""),
+            "{e}"
+        );
+
+        let e = NodeConfig::parse("data_dir = \"x\"\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [[receiver]]"), "{e}");
+
+        let twice = format!(
+            "{EMBEDDED_DEFAULT}\n[[receiver]]\nname = \"socket\"\ntype = \"socket\"\nmode = \"listen\"\n"
+        );
+        let e = NodeConfig::parse(&twice, "f.toml").unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+
+        let bad = EMBEDDED_DEFAULT.replace("format = \"lines\"", "format = \"xml\"");
+        let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
+        assert!(e.contains("xml"), "{e}");
+    }
+
+    #[test]
+    fn fsync_policies_are_strings() {
+        let t = format!("{EMBEDDED_DEFAULT}\n[engine.wal]\nfsync = \"interval(50)\"\n");
+        let c = NodeConfig::parse(&t, "f").unwrap();
+        assert_eq!(
+            c.engine.wal.fsync,
+            crate::wal::FsyncPolicy::Interval { ms: 50 }
+        );
+        assert!(c.to_toml().contains("fsync = \"interval(50)\""));
+    }
+}

@@ -1,0 +1,133 @@
+//! `receiver-node`: the daemon around the engine — configuration file, receivers, outputs,
+//! metrics endpoint, logging and signals.
+
+pub mod config;
+pub mod http;
+pub mod output;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::stream::{EngineError, StreamingContext};
+use config::{LogFormat, NodeConfig, OutputConfig, ReceiverKind};
+
+/// Why the node stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The engine could not start or failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Something else at startup (metrics listener, signal handlers).
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// Sets up `tracing` output as configured (`RUST_LOG` overrides the level). Call once.
+pub fn init_logging(log: &config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Builds the streaming context for `config`: its receivers, and one job per output.
+///
+/// # Errors
+/// [`NodeError::Startup`] if a receiver refuses its configuration.
+pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
+    let mut ctx = StreamingContext::new(config.engine.clone(), &config.data_dir);
+    for r in &config.receivers {
+        match &r.kind {
+            ReceiverKind::Socket(c) => {
+                let receiver = weir_socket::SocketReceiver::new(c.clone())
+                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_receiver(r.name.as_str(), receiver);
+            }
+        }
+    }
+    for (i, o) in config.outputs.iter().enumerate() {
+        let name = match o {
+            OutputConfig::Dir { path, .. } => format!("output {} (dir {})", i + 1, path.display()),
+            OutputConfig::Stdout { .. } => format!("output {} (stdout)", i + 1),
+        };
+        let o = o.clone();
+        ctx.foreach_batch(name, move |batch| {
+            output::write(&o, batch).map_err(|e| Box::new(e) as crate::stream::JobError)
+        });
+    }
+    Ok(ctx)
+}
+
+/// Runs the node until SIGTERM/SIGINT (graceful: stop receivers, persist pending blocks, finish
+/// the in-flight batch) or a fatal error. A second signal during the drain exits at once with
+/// status 130 (still safe: the WAL holds everything acknowledged).
+///
+/// # Errors
+/// [`NodeError`] if the node could not start or failed.
+pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| NodeError::Startup(format!("SIGTERM handler: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| NodeError::Startup(format!("SIGINT handler: {e}")))?;
+    let status: http::SharedStatus = Arc::default();
+    let _http = if config.metrics.enabled {
+        Some(
+            http::serve(config.metrics.address, status.clone())
+                .await
+                .map_err(NodeError::Startup)?,
+        )
+    } else {
+        None
+    };
+    tracing::info!(
+        data_dir = %config.data_dir.display(), receivers = config.receivers.len(),
+        outputs = config.outputs.len(), fsync = %config.engine.wal.fsync,
+        "receiver-node starting (recovery first)"
+    );
+    let running = context(&config)?.start().await?;
+    lock(&status).metrics = Some(running.metrics());
+    tracing::info!("ready");
+    let mut check = tokio::time::interval(Duration::from_millis(200));
+    let signal_name = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = check.tick() => {
+                if let Some(f) = running.failure() {
+                    lock(&status).failure = Some(f.clone());
+                    tracing::error!(error = %f, "the engine failed; exiting (restart to recover: nothing acknowledged is lost)");
+                    return Err(NodeError::Engine(EngineError::Failed(f)));
+                }
+            }
+        }
+    };
+    tracing::info!(signal = signal_name, "draining: stopping receivers, persisting pending blocks, finishing the batch in flight (signal again to exit at once)");
+    lock(&status).stopping = true;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!(
+            "second signal: exiting now without draining (the WAL holds everything acknowledged)"
+        );
+        std::process::exit(130);
+    });
+    let report = running.stop().await?;
+    tracing::info!(completed_through = ?report.completed_through, abandoned = ?report.receivers_abandoned, "stopped cleanly");
+    Ok(())
+}
+
+fn lock(s: &http::SharedStatus) -> std::sync::MutexGuard<'_, http::Status> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,238 @@
+//! Outputs: where `receiver-node` writes each batch.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use weir_receiver::Record;
+
+use super::config::{OutputConfig, OutputFormat};
+use crate::batch::{Batch, BatchError};
+use crate::tracker::BlockRef;
+
+/// Why an output failed (the batch is then retried, never marked complete).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// Reading the batch failed.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    /// Writing failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutputError + 'a {
+    move |source| OutputError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The file a `dir` output writes batch `time` to.
+pub fn batch_file_name(time: u64, format: OutputFormat) -> String {
+    let ext = match format {
+        OutputFormat::Lines => "txt",
+        OutputFormat::Jsonl => "jsonl",
+    };
+    format!("batch-{time:016}.{ext}")
+}
+
+/// Writes one record in `format`.
+pub fn write_record(
+    out: &mut dyn Write,
+    format: OutputFormat,
+    receiver: &str,
+    r: &Record,
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Lines => {
+            out.write_all(&r.payload)?;
+            out.write_all(b"\n")
+        }
+        OutputFormat::Jsonl => {
+            out.write_all(b"{\"receiver\":")?;
+            serde_json::to_writer(&mut *out, receiver)?;
+            write_bytes_field(out, "payload", &r.payload)?;
+            if let Some(k) = &r.key {
+                write_bytes_field(out, "key", k)?;
+            }
+            if !r.headers.is_empty() {
+                out.write_all(b",\"headers\":{")?;
+                for (i, h) in r.headers.iter().enumerate() {
+                    if i > 0 {
+                        out.write_all(b",")?;
+                    }
+                    serde_json::to_writer(&mut *out, &h.name)?;
+                    out.write_all(b":")?;
+                    match std::str::from_utf8(&h.value) {
+                        Ok(s) => serde_json::to_writer(&mut *out, s)?,
+                        Err(_) => write!(out, "{{\"base64\":\"{}\"}}", base64(&h.value))?,
+                    }
+                }
+                out.write_all(b"}")?;
+            }
+            if let Some(p) = &r.position {
+                out.write_all(b",\"position\":{\"stream\":")?;
+                serde_json::to_writer(&mut *out, &*p.stream)?;
+                write!(
+                    out,
+                    ",\"partition\":{},\"offset\":{}}}",
+                    p.partition, p.offset
+                )?;
+            }
+            out.write_all(b"}\n")
+        }
+    }
+}
+
+/// `,"name":"text"` for UTF-8 bytes, else `,"name_base64":"..."`.
+fn write_bytes_field(out: &mut dyn Write, name: &str, bytes: &[u8]) -> io::Result<()> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            write!(out, ",\"{name}\":")?;
+            serde_json::to_writer(&mut *out, s)?;
+            Ok(())
+        }
+        Err(_) => write!(out, ",\"{name}_base64\":\"{}\"", base64(bytes)),
+    }
+}
+
+/// Standard base64 with padding.
+pub fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+fn write_batch(
+    out: &mut dyn Write,
+    batch: &Batch,
+    format: OutputFormat,
+) -> Result<(), OutputError> {
+    batch.for_each_block(|block: &BlockRef, records| {
+        for r in records {
+            write_record(out, format, &block.receiver, &r)
+                .map_err(io_err("write", Path::new("<output>")))?;
+        }
+        Ok::<(), OutputError>(())
+    })
+}
+
+/// Writes `batch` to the output. Blocking.
+///
+/// # Errors
+/// [`OutputError`]; the batch is then not complete and is retried.
+pub fn write(output: &OutputConfig, batch: &Batch) -> Result<(), OutputError> {
+    match output {
+        OutputConfig::Stdout { format } => {
+            let stdout = io::stdout();
+            let mut out = BufWriter::new(stdout.lock());
+            write_batch(&mut out, batch, *format)?;
+            out.flush().map_err(io_err("write", Path::new("<stdout>")))
+        }
+        // An empty batch writes no file: a file per idle second helps nobody, and a re-run of
+        // an empty batch is empty too.
+        OutputConfig::Dir { .. } if batch.is_empty() => Ok(()),
+        OutputConfig::Dir { path, format } => write_dir(path, batch, *format),
+    }
+}
+
+/// Temp file, fsync, rename, fsync the directory: a reader sees the whole batch file or none,
+/// and a re-run writes the same name with the same contents.
+fn write_dir(dir: &Path, batch: &Batch, format: OutputFormat) -> Result<(), OutputError> {
+    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let name = batch_file_name(batch.time(), format);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dest = dir.join(&name);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    match write_batch(&mut out, batch, format) {
+        Ok(()) => {}
+        Err(OutputError::Io { what, source, .. }) => {
+            return Err(OutputError::Io {
+                what,
+                path: tmp,
+                source,
+            })
+        }
+        Err(e) => return Err(e),
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .map_err(io_err("write", &tmp))?;
+    file.sync_all().map_err(io_err("fsync", &tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_receiver::Position;
+
+    #[test]
+    fn base64_matches_the_standard_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn jsonl_carries_payload_key_headers_position_and_receiver() {
+        let r = Record::new("a \"quoted\"\nline")
+            .with_key(vec![0xff, 0x00])
+            .with_header("h", "v")
+            .with_position(Position::offset("t", 3, 42));
+        let mut out = Vec::new();
+        write_record(&mut out, OutputFormat::Jsonl, "recv", &r).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["receiver"], "recv");
+        assert_eq!(v["payload"], "a \"quoted\"\nline");
+        assert_eq!(v["key_base64"], "/wA=");
+        assert_eq!(v["headers"]["h"], "v");
+        assert_eq!(v["position"]["stream"], "t");
+        assert_eq!(v["position"]["partition"], 3);
+        assert_eq!(v["position"]["offset"], 42);
+        let mut out = Vec::new();
+        write_record(&mut out, OutputFormat::Lines, "recv", &Record::new("x")).unwrap();
+        assert_eq!(out, b"x\n");
+    }
+}

@@ -1,0 +1,224 @@
+//! The `receiver-node` daemon and the `crash-harness`, run as real processes.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODE: &str = env!("CARGO_BIN_EXE_receiver-node");
+const HARNESS: &str = env!("CARGO_BIN_EXE_crash-harness");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn every_example_configuration_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let out = Command::new(NODE)
+                .arg("check-config")
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("[[receiver]]") && text.contains("[engine.wal]"),
+                "{text}"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "expected an example per socket mode, found {n}");
+}
+
+#[test]
+fn a_bad_configuration_names_the_key_and_line_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(
+        &f,
+        "data_dir = \"d\"\n\n[[receiver]]\nname = \"s\"\ntype = \"socket\"\nmode = \"listen\"\nadress = \"127.0.0.1:1\"\n\n[[output]]\ntype = \"stdout\"\n",
+    )
+    .unwrap();
+    let out = Command::new(NODE)
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("adress") && err.contains("line 3"), "{err}");
+    let out = Command::new(NODE)
+        .args(["run", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_node_ingests_lines_writes_batches_serves_metrics_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mport) = (free_port(), free_port());
+    let out_dir = dir.path().join("out");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+             [[receiver]]\nname = \"lines\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"lines\"\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"jsonl\"\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+            dir.path().join("data").display().to_string(),
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let node = Node(
+        Command::new(NODE)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("health", Duration::from_secs(30), || {
+        http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
+    });
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for i in 0..100 {
+        writeln!(s, "line {i}").unwrap();
+    }
+    drop(s);
+    let read_all = || -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&out_dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".jsonl") {
+                    for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+                        v.push(serde_json::from_str(l).unwrap());
+                    }
+                }
+            }
+        }
+        v
+    };
+    wait_until(
+        "100 records in batch files",
+        Duration::from_secs(30),
+        || read_all().len() == 100,
+    );
+    let recs = read_all();
+    assert!(recs.iter().all(|r| r["receiver"] == "lines"));
+    let mut payloads: Vec<String> = recs
+        .iter()
+        .map(|r| r["payload"].as_str().unwrap().to_string())
+        .collect();
+    payloads.sort_by_key(|p| p[5..].parse::<u32>().unwrap());
+    assert_eq!(
+        payloads,
+        (0..100).map(|i| format!("line {i}")).collect::<Vec<_>>()
+    );
+    let (code, metrics) = http_get(mport, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("weir_receiver_records_stored_total{receiver=\"lines\"} 100"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(mport, "/nope").unwrap().0, 404);
+    sigterm(&node.0);
+    let mut node = node;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = node.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    // Nothing half-written is left behind.
+    for e in std::fs::read_dir(&out_dir).unwrap() {
+        assert!(!e.unwrap().file_name().to_string_lossy().ends_with(".tmp"));
+    }
+}
+
+#[test]
+fn the_crash_harness_finds_nothing_acknowledged_missing_after_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(HARNESS)
+        .args([
+            "--kills", "3", "--seed", "11", "--min-ms", "150", "--max-ms", "600", "--node", NODE,
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}\nnode log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+    );
+    assert!(
+        report.contains("MISSING (acknowledged, not in output): 0"),
+        "{report}"
+    );
+    assert!(report.contains("kills: 3"), "{report}");
+    assert!(report.contains("result: PASS"), "{report}");
+}
