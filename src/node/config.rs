@@ -123,6 +123,9 @@ pub enum OutputConfig {
         #[serde(default)]
         format: OutputFormat,
     },
+    /// Reads every record of the batch back (checksums verified) and writes nothing: for
+    /// benchmarks (like Spark's per-batch `count()`) and for nodes that only ingest.
+    Discard,
     /// Every record on standard output (for trying things out).
     Stdout {
         /// Record format.

@@ -59,6 +59,7 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         let name = match o {
             OutputConfig::Dir { path, .. } => format!("output {} (dir {})", i + 1, path.display()),
             OutputConfig::Stdout { .. } => format!("output {} (stdout)", i + 1),
+            OutputConfig::Discard => format!("output {} (discard)", i + 1),
         };
         let o = o.clone();
         ctx.foreach_batch(name, move |batch| {

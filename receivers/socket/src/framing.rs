@@ -51,7 +51,7 @@ impl Decoder {
     }
 
     fn next_line(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Oversize> {
-        match buf[self.scanned..].iter().position(|&b| b == b'\n') {
+        match memchr::memchr(b'\n', &buf[self.scanned..]) {
             Some(i) => {
                 let end = self.scanned + i;
                 self.scanned = 0;
