@@ -222,3 +222,143 @@ fn the_crash_harness_finds_nothing_acknowledged_missing_after_kills() {
     assert!(report.contains("kills: 3"), "{report}");
     assert!(report.contains("result: PASS"), "{report}");
 }
+
+#[test]
+fn a_failing_output_fails_the_batch_which_is_retried_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mport) = (free_port(), free_port());
+    // The output path is a file, so creating the directory fails.
+    let out_dir = dir.path().join("out");
+    std::fs::write(&out_dir, b"not a directory").unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\njob_retry_max_ms = 200\n\
+             [[receiver]]\nname = \"lines\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+            dir.path().join("data").display().to_string(),
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let node = Node(
+        Command::new(NODE)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("health", Duration::from_secs(30), || {
+        http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
+    });
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    writeln!(s, "kept").unwrap();
+    drop(s);
+    let metric = |name: &str| -> f64 {
+        http_get(mport, "/metrics")
+            .and_then(|(_, body)| {
+                body.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    wait_until("failed job runs", Duration::from_secs(30), || {
+        metric("weir_job_failures_total ") >= 2.0
+    });
+    // The batch holding the record never completes while the output fails.
+    assert_eq!(metric("weir_batch_records_total "), 0.0);
+    // Repair the output: the same batch is retried and completes.
+    std::fs::remove_file(&out_dir).unwrap();
+    wait_until(
+        "the record in a batch file",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_dir(&out_dir).is_ok_and(|rd| {
+                rd.flatten()
+                    .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t == "kept\n"))
+            })
+        },
+    );
+    assert_eq!(metric("weir_batch_records_total "), 1.0);
+    sigterm(&node.0);
+}
+
+#[test]
+fn a_second_signal_during_the_drain_exits_at_once_with_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mport) = (free_port(), free_port());
+    // A failing output makes the drain retry the last batch for a while.
+    let out_dir = dir.path().join("out");
+    std::fs::write(&out_dir, b"not a directory").unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\njob_retry_initial_ms = 2000\njob_retry_max_ms = 2000\n\
+             [[receiver]]\nname = \"lines\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+            dir.path().join("data").display().to_string(),
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut node = Node(
+        Command::new(NODE)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("health", Duration::from_secs(30), || {
+        http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
+    });
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    writeln!(s, "pending").unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(500));
+    sigterm(&node.0);
+    wait_until("stopping", Duration::from_secs(10), || {
+        http_get(mport, "/health").is_some_and(|(c, b)| c == 503 && b.starts_with("stopping"))
+    });
+    sigterm(&node.0);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = node.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no exit after the second signal"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(130));
+    // The record is still in the WAL: a restart with a working output processes it.
+    std::fs::remove_file(&out_dir).unwrap();
+    let node = Node(
+        Command::new(NODE)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(
+        "the record after the restart",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_dir(&out_dir).is_ok_and(|rd| {
+                rd.flatten()
+                    .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t == "pending\n"))
+            })
+        },
+    );
+    sigterm(&node.0);
+}
