@@ -98,7 +98,7 @@ fn a_bad_configuration_names_the_key_and_line_and_exits_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("adress") && err.contains("line 3"), "{err}");
+    assert!(err.contains("adress") && err.contains("line 7"), "{err}");
     let out = Command::new(NODE)
         .args(["run", "--config"])
         .arg(&f)

@@ -208,6 +208,25 @@ pub struct ConfigError {
     message: String,
 }
 
+/// The line of `key = ...` in the table that starts at `span` (up to the next table header).
+fn key_line(text: &str, span: std::ops::Range<usize>, key: &str) -> Option<usize> {
+    let start = span.start.min(text.len());
+    let mut offset = start;
+    for (i, l) in text[start..].split_inclusive('\n').enumerate() {
+        let t = l.trim_start();
+        if i > 0 && t.starts_with('[') {
+            break;
+        }
+        if let Some(rest) = t.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return Some(line_of(text, offset));
+            }
+        }
+        offset += l.len();
+    }
+    None
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -251,7 +270,16 @@ impl NodeConfig {
                 Some(_) => return Err(at("`type` must be a string".into())),
                 None => return Err(at("missing key `type` (expected \"socket\")".into())),
             };
-            let at = |what: String| err(format!("[[receiver]] {name:?} (line {line}): {what}"));
+            let span = spanned.span();
+            let at = |what: String| {
+                // Point at the offending key's own line when the message names one.
+                let key_line = what
+                    .split('`')
+                    .nth(1)
+                    .and_then(|key| key_line(text, span.clone(), key))
+                    .unwrap_or(line);
+                err(format!("[[receiver]] {name:?} (line {key_line}): {what}"))
+            };
             let kind = match kind.as_str() {
                 "socket" => {
                     let c: weir_socket::SocketConfig = toml::Value::Table(table)
@@ -337,7 +365,7 @@ mod tests {
             EMBEDDED_DEFAULT.replace("protocol = \"lines\"", "protocol = \"lines\"\nbogus = 1");
         let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
         assert!(
-            e.starts_with("f.toml: [[receiver]] \"socket\" (line 4):"),
+            e.starts_with("f.toml: [[receiver]] \"socket\" (line 10):"),
             "{e}"
         );
         assert!(e.contains("bogus"), "{e}");
