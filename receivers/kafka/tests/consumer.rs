@@ -1,0 +1,319 @@
+//! The reliable consumer against librdkafka's mock cluster (a real Kafka protocol endpoint on
+//! loopback), with a fake host standing in for the engine.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use weir_kafka::{KafkaConfig, KafkaReceiver};
+use weir_receiver::{
+    shutdown_channel, Checkpoint, Receiver, ReceiverContext, ReceiverHost, Record, StoreFuture,
+    Stored,
+};
+
+/// Collects stored records; resolves stores at once, or holds them until released.
+#[derive(Default)]
+struct Host {
+    records: Mutex<Vec<Record>>,
+    hold: AtomicBool,
+    released: Notify,
+}
+
+impl Host {
+    fn payloads(&self) -> Vec<String> {
+        self.records
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8(r.payload.to_vec()).unwrap())
+            .collect()
+    }
+    fn release(&self) {
+        self.hold.store(false, SeqCst);
+        self.released.notify_waiters();
+    }
+}
+
+/// The engine side of a receiver, as the fake host.
+struct HostRef(Arc<Host>);
+
+impl ReceiverHost for HostRef {
+    fn store(&self, records: Vec<Record>) -> StoreFuture {
+        let n = records.len();
+        let me = self.0.clone();
+        StoreFuture::new(async move {
+            while me.hold.load(SeqCst) {
+                let wake = me.released.notified();
+                if !me.hold.load(SeqCst) {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), wake).await;
+            }
+            me.records.lock().unwrap().extend(records);
+            Ok(Stored {
+                records: n,
+                block: None,
+            })
+        })
+    }
+    fn report_error(&self, message: &str) {
+        eprintln!("reported: {message}");
+    }
+    fn checkpoint(&self) -> Checkpoint {
+        let mut c = Checkpoint::new();
+        for r in self.0.records.lock().unwrap().iter() {
+            if let Some(p) = &r.position {
+                c.observe(p);
+            }
+        }
+        c
+    }
+}
+
+fn cluster(
+    topic: &str,
+    partitions: i32,
+) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let c = MockCluster::new(1).unwrap();
+    c.create_topic(topic, partitions, 1).unwrap();
+    c
+}
+
+fn produce(bootstrap: &str, topic: &str, from: u32, to: u32) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    for i in from..to {
+        let payload = format!("m{i}");
+        let key = format!("k{i}");
+        loop {
+            match p.send(BaseRecord::to(topic).payload(&payload).key(&key)) {
+                Ok(()) => break,
+                Err((_, _)) => {
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+fn config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
+    let mut c = KafkaConfig::new(bootstrap, group, &[topic]);
+    c.commit_interval_ms = 100;
+    c.properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    c.properties
+        .insert("heartbeat.interval.ms".into(), "300".into());
+    c
+}
+
+/// The group's committed offsets for `topic` partitions 0..n (None = nothing committed).
+fn committed(bootstrap: &str, group: &str, topic: &str, n: i32) -> Vec<Option<i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..n)
+        .map(|p| match got.find_partition(topic, p).unwrap().offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Running {
+    trigger: weir_receiver::ShutdownTrigger,
+    task: tokio::task::JoinHandle<Result<(), weir_receiver::ReceiverError>>,
+}
+
+fn start(r: KafkaReceiver, host: &Arc<Host>, name: &str) -> Running {
+    let (trigger, shutdown) = shutdown_channel();
+    let ctx = ReceiverContext::new(name, Arc::new(HostRef(host.clone())), shutdown, 0);
+    let task = tokio::spawn(async move { r.run(ctx).await });
+    Running { trigger, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.trigger.trigger();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("receiver stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_are_committed_only_after_the_records_are_durable() {
+    let c = cluster("t1", 1);
+    let bs = c.bootstrap_servers();
+    produce(&bs, "t1", 0, 100);
+    let host = Arc::new(Host::default());
+    host.hold.store(true, SeqCst);
+    let r = KafkaReceiver::new(config(&bs, "g1", "t1")).unwrap();
+    let stats = r.stats();
+    let running = start(r, &host, "kafka");
+    // Wait until the receiver has taken the records (their stores are held, not durable), and
+    // give it several commit intervals.
+    wait_for("the poll", 30, || stats.records.load(SeqCst) == 100).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(host.records.lock().unwrap().len(), 0);
+    assert_eq!(
+        committed(&bs, "g1", "t1", 1),
+        vec![None],
+        "committed before durable"
+    );
+    host.release();
+    wait_for("100 durable", 30, || {
+        host.records.lock().unwrap().len() == 100
+    })
+    .await;
+    wait_for("the commit", 30, || {
+        committed(&bs, "g1", "t1", 1) == vec![Some(100)]
+    })
+    .await;
+    running.stop().await;
+    let p = host.payloads();
+    assert_eq!(p, (0..100).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    let r0 = &host.records.lock().unwrap()[0];
+    assert_eq!(r0.key.as_deref(), Some(&b"k0"[..]));
+    assert_eq!(r0.position.as_ref().unwrap().offset, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_after_the_wal_not_the_committed_offset() {
+    let c = cluster("t2", 2);
+    let bs = c.bootstrap_servers();
+    produce(&bs, "t2", 0, 60);
+    let host = Arc::new(Host::default());
+    let running = start(
+        KafkaReceiver::new(config(&bs, "g2", "t2")).unwrap(),
+        &host,
+        "kafka",
+    );
+    wait_for("60 stored", 30, || host.records.lock().unwrap().len() == 60).await;
+    running.stop().await;
+    // A new group has no committed offsets (as after a crash between durable and commit): the
+    // receiver must resume after what the host (the WAL) already has.
+    produce(&bs, "t2", 60, 100);
+    let running = start(
+        KafkaReceiver::new(config(&bs, "g2-new", "t2")).unwrap(),
+        &host,
+        "kafka",
+    );
+    wait_for("100 stored", 30, || {
+        host.records.lock().unwrap().len() >= 100
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.stop().await;
+    let mut p = host.payloads();
+    p.sort_by_key(|s| s[1..].parse::<u32>().unwrap());
+    assert_eq!(
+        p,
+        (0..100).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+        "a record stored twice or lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_in_one_group_split_partitions_without_losing_records() {
+    let c = cluster("t3", 4);
+    let bs = c.bootstrap_servers();
+    produce(&bs, "t3", 0, 400);
+    let (a, b) = (Arc::new(Host::default()), Arc::new(Host::default()));
+    let ra = start(
+        KafkaReceiver::new(config(&bs, "g3", "t3")).unwrap(),
+        &a,
+        "a",
+    );
+    wait_for("a's first records", 30, || {
+        a.records.lock().unwrap().len() >= 400
+    })
+    .await;
+    let rb = start(
+        KafkaReceiver::new(config(&bs, "g3", "t3")).unwrap(),
+        &b,
+        "b",
+    );
+    // Wait until b owns some partitions, then produce more.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    produce(&bs, "t3", 400, 800);
+    let all = || {
+        let mut m: BTreeMap<String, u32> = BTreeMap::new();
+        for p in a.payloads().into_iter().chain(b.payloads()) {
+            *m.entry(p).or_default() += 1;
+        }
+        m
+    };
+    wait_for("800 distinct records", 60, || all().len() == 800).await;
+    assert!(
+        !b.records.lock().unwrap().is_empty(),
+        "the second consumer got no partition"
+    );
+    let partitions_of = |h: &Host| {
+        let mut s = std::collections::BTreeSet::new();
+        for r in h.records.lock().unwrap().iter().skip(400) {
+            s.insert(r.position.as_ref().unwrap().partition);
+        }
+        s
+    };
+    let (pa, pb) = (partitions_of(&a), partitions_of(&b));
+    assert!(
+        pa.is_disjoint(&pb),
+        "after the rebalance both stored from {:?}",
+        pa.intersection(&pb).collect::<Vec<_>>()
+    );
+    ra.stop().await;
+    rb.stop().await;
+}
+
+#[test]
+fn bad_configurations_name_the_key() {
+    let mut c = KafkaConfig::new("", "g", &["t"]);
+    assert!(KafkaReceiver::new(c.clone())
+        .unwrap_err()
+        .contains("bootstrap_servers"));
+    c.bootstrap_servers = "127.0.0.1:1".into();
+    c.group_id = " ".into();
+    assert!(KafkaReceiver::new(c.clone())
+        .unwrap_err()
+        .contains("group_id"));
+    c.group_id = "g".into();
+    c.topics.clear();
+    assert!(KafkaReceiver::new(c.clone())
+        .unwrap_err()
+        .contains("topics"));
+    c.topics = vec!["t".into()];
+    c.properties
+        .insert("enable.auto.commit".into(), "true".into());
+    assert!(KafkaReceiver::new(c)
+        .unwrap_err()
+        .contains("enable.auto.commit"));
+}
