@@ -362,3 +362,107 @@ fn a_second_signal_during_the_drain_exits_at_once_with_130() {
     );
     sigterm(&node.0);
 }
+
+#[test]
+fn the_node_consumes_a_kafka_topic_from_a_mock_cluster_in_another_process() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 2, 1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    for i in 0..200 {
+        let payload = format!("event {i}");
+        p.send(BaseRecord::<(), _>::to("events").payload(&payload))
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let out_dir = dir.path().join("out");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+             [[receiver]]\nname = \"events\"\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g\"\ntopics = [\"events\"]\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"jsonl\"\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+            dir.path().join("data").display().to_string(),
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let node = Node(
+        Command::new(NODE)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let read_all = || -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&out_dir) {
+            for e in rd.flatten() {
+                for l in std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    v.push(serde_json::from_str(l).unwrap());
+                }
+            }
+        }
+        v
+    };
+    wait_until("200 events in batch files", Duration::from_secs(60), || {
+        read_all().len() >= 200
+    });
+    let recs = read_all();
+    assert_eq!(recs.len(), 200);
+    let mut offsets: Vec<(i64, i64)> = recs
+        .iter()
+        .map(|r| {
+            assert_eq!(r["position"]["stream"], "events");
+            (
+                r["position"]["partition"].as_i64().unwrap(),
+                r["position"]["offset"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert_eq!(offsets.len(), 200, "a Kafka record stored twice");
+    sigterm(&node.0);
+    let mut node = node;
+    let t0 = Instant::now();
+    while node.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The node committed what it stored before leaving the group.
+    let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("group.id", "g")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition("events", 0);
+    tpl.add_partition("events", 1);
+    use rdkafka::consumer::Consumer;
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let total: i64 = got
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total, 200);
+}

@@ -95,6 +95,8 @@ pub struct ReceiverSpec {
 pub enum ReceiverKind {
     /// TCP socket (connect or listen mode).
     Socket(weir_socket::SocketConfig),
+    /// Kafka consumer group member (the reliable high-level consumer).
+    Kafka(weir_kafka::KafkaConfig),
 }
 
 /// How records are written by an output.
@@ -268,7 +270,11 @@ impl NodeConfig {
             let kind = match table.remove("type") {
                 Some(toml::Value::String(s)) => s,
                 Some(_) => return Err(at("`type` must be a string".into())),
-                None => return Err(at("missing key `type` (expected \"socket\")".into())),
+                None => {
+                    return Err(at(
+                        "missing key `type` (expected \"socket\" or \"kafka\")".into()
+                    ))
+                }
             };
             let span = spanned.span();
             let at = |what: String| {
@@ -288,9 +294,16 @@ impl NodeConfig {
                     c.validate().map_err(at)?;
                     ReceiverKind::Socket(c)
                 }
+                "kafka" => {
+                    let c: weir_kafka::KafkaConfig = toml::Value::Table(table)
+                        .try_into()
+                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
+                    c.validate().map_err(at)?;
+                    ReceiverKind::Kafka(c)
+                }
                 other => {
                     return Err(at(format!(
-                        "unknown receiver type {other:?} (expected \"socket\")"
+                        "unknown receiver type {other:?} (expected \"socket\" or \"kafka\")"
                     )))
                 }
             };

@@ -53,6 +53,11 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
                 ctx.add_receiver(r.name.as_str(), receiver);
             }
+            ReceiverKind::Kafka(c) => {
+                let receiver = weir_kafka::KafkaReceiver::new(c.clone())
+                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_receiver(r.name.as_str(), receiver);
+            }
         }
     }
     for (i, o) in config.outputs.iter().enumerate() {
