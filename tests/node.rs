@@ -466,3 +466,111 @@ fn the_node_consumes_a_kafka_topic_from_a_mock_cluster_in_another_process() {
         .sum();
     assert_eq!(total, 200);
 }
+
+/// Writes a node configuration with a Kafka receiver in group `group` and a `lines` dir output.
+fn kafka_node_config(
+    dir: &Path,
+    name: &str,
+    bs: &str,
+    group: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = dir.join(format!("{name}-out"));
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+             [[receiver]]\nname = \"events\"\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ngroup_id = \"{group}\"\ntopics = [\"events\"]\ncommit_interval_ms = 100\n\
+             [receiver.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"lines\"\n[metrics]\nenabled = false\n",
+            dir.join(format!("{name}-data")).display().to_string(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    (cfg, out)
+}
+
+fn lines_in(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".txt") {
+                v.extend(
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .lines()
+                        .map(str::to_string),
+                );
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn two_nodes_in_one_group_lose_nothing_when_one_is_killed() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("events", 4, 1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    let produce = |from: u32, to: u32| {
+        let p: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bs)
+            .create()
+            .unwrap();
+        for i in from..to {
+            let payload = format!("e{i}");
+            p.send(BaseRecord::<(), _>::to("events").payload(&payload))
+                .unwrap();
+        }
+        p.flush(Duration::from_secs(10)).unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg_a, out_a) = kafka_node_config(dir.path(), "a", &bs, "g");
+    let (cfg_b, out_b) = kafka_node_config(dir.path(), "b", &bs, "g");
+    let spawn = |cfg: &Path| {
+        Node(
+            Command::new(NODE)
+                .args(["run", "--config"])
+                .arg(cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    produce(0, 400);
+    let mut a = spawn(&cfg_a);
+    let b = spawn(&cfg_b);
+    wait_until("the first 400 records", Duration::from_secs(60), || {
+        lines_in(&out_a).len() + lines_in(&out_b).len() >= 400
+    });
+    // Kill a (no drain, no final commit); b takes over its partitions after the session timeout.
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    produce(400, 800);
+    let distinct = |outs: &[&Path]| {
+        let mut s = std::collections::BTreeSet::new();
+        for o in outs {
+            s.extend(lines_in(o));
+        }
+        s
+    };
+    // Records a committed before dying are in a's WAL; restarting a drains them into its output.
+    wait_until("b to take over", Duration::from_secs(60), || {
+        lines_in(&out_b)
+            .iter()
+            .any(|l| l[1..].parse::<u32>().unwrap() >= 400)
+    });
+    let a = spawn(&cfg_a);
+    wait_until(
+        "all 800 records in the outputs",
+        Duration::from_secs(90),
+        || distinct(&[&out_a, &out_b]).len() == 800,
+    );
+    let all = distinct(&[&out_a, &out_b]);
+    assert!((0..800).all(|i| all.contains(&format!("e{i}"))));
+    sigterm(&a.0);
+    sigterm(&b.0);
+}
