@@ -53,7 +53,7 @@ pub struct KafkaConfig {
     /// At most this many records per `store()` call. Default 10000.
     #[serde(default = "default_max_poll_records")]
     pub max_poll_records: usize,
-    /// `store()` calls that may be outstanding before polling waits. Default 16.
+    /// `store()` calls that may be outstanding before polling waits. Default 64.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Durable offsets are committed (asynchronously) at most this often, ms. Default 1000.
@@ -69,7 +69,7 @@ fn default_max_poll_records() -> usize {
     10_000
 }
 fn default_max_in_flight() -> usize {
-    16
+    64
 }
 fn default_commit_interval_ms() -> u64 {
     1000
@@ -432,18 +432,23 @@ impl Receiver for KafkaReceiver {
             let mut last_commit = Instant::now();
             let commit_every = Duration::from_millis(config.commit_interval_ms);
             let mut last_lag = Instant::now();
+            let mut topics: Vec<Arc<str>> = Vec::new();
             while !ctx2.is_shutting_down() {
                 if let Some(f) = lock(&poll_shared.progress).failed.clone() {
                     return Err(ReceiverError::msg(format!("storing failed: {f}")));
                 }
                 let mut records = Vec::new();
-                let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
+                let mut offsets: HashMap<(Arc<str>, i32), i64> = HashMap::new();
+                // Gather up to `max_poll_records` or 50 ms of records per `store()` call: each
+                // call waits for its block, so small calls would cap the rate at
+                // `max_in_flight` calls per block interval.
                 let started = Instant::now();
+                let window = Duration::from_millis(50);
                 while records.len() < config.max_poll_records {
                     let wait = if records.is_empty() {
                         Duration::from_millis(100)
                     } else {
-                        Duration::ZERO
+                        window.saturating_sub(started.elapsed())
                     };
                     match consumer.poll(wait) {
                         None => break,
@@ -453,7 +458,15 @@ impl Receiver for KafkaReceiver {
                             break;
                         }
                         Some(Ok(m)) => {
-                            let topic = m.topic().to_string();
+                            // One shared name per topic, not an allocation per record.
+                            let topic = match topics.iter().find(|t| &***t == m.topic()) {
+                                Some(t) => t.clone(),
+                                None => {
+                                    let t: Arc<str> = Arc::from(m.topic());
+                                    topics.push(t.clone());
+                                    t
+                                }
+                            };
                             let mut r =
                                 Record::new(m.payload().map(<[u8]>::to_vec).unwrap_or_default());
                             if let Some(k) = m.key() {
@@ -478,7 +491,7 @@ impl Receiver for KafkaReceiver {
                             records.push(r);
                         }
                     }
-                    if started.elapsed() > Duration::from_millis(50) {
+                    if started.elapsed() > window {
                         break;
                     }
                 }
@@ -486,15 +499,18 @@ impl Receiver for KafkaReceiver {
                     stats.records.fetch_add(records.len() as u64, Relaxed);
                     {
                         let mut p = lock(&poll_shared.progress);
-                        for (k, o) in &offsets {
-                            let t = p.taken.entry(k.clone()).or_insert(*o);
-                            *t = (*t).max(*o);
+                        for ((t, part), o) in &offsets {
+                            let e = p.taken.entry((t.to_string(), *part)).or_insert(*o);
+                            *e = (*e).max(*o);
                         }
                     }
                     let store = ctx2.store(records);
                     let f = InFlight {
                         store,
-                        offsets: offsets.into_iter().collect(),
+                        offsets: offsets
+                            .into_iter()
+                            .map(|((t, p), o)| ((t.to_string(), p), o))
+                            .collect(),
                     };
                     if tx.blocking_send(f).is_err() {
                         break;

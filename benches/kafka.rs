@@ -1,0 +1,195 @@
+//! The reliable Kafka receiver beside a plain rdkafka consumer loop, in one run.
+//!
+//! ```text
+//! cargo bench --bench kafka                 # 10 s measured after a 5 s warm-up
+//! cargo bench --bench kafka -- --secs 20
+//! ```
+//!
+//! One librdkafka mock cluster, one topic (4 partitions), one producer thread producing 100-byte
+//! records at `--rate` records/s (default 150,000: the in-process mock broker is single-threaded
+//! and keeps ~5 MiB per partition; well above that rate it stalls its consumers). Three rounds,
+//! each on a fresh cluster; the median ratio is printed. Two consumers read the same topic concurrently, each in its own
+//! group: a plain `BaseConsumer` loop that only counts (no storing), and weir's engine with the
+//! Kafka receiver (fsync `always`, default block and batch intervals, a job reading every record
+//! of every batch back, offsets committed once durable). Printed: records/s produced, consumed by
+//! the plain loop, and into completed weir batches, and weir/plain. (The mock keeps only about
+//! 5 MiB per partition, so both consumers must keep up with the producer; the producer is the
+//! pace-setter and all three share the machine's cores.)
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+use weir::{StreamingConfig, StreamingContext};
+use weir_kafka::{KafkaConfig, KafkaReceiver};
+
+fn main() {
+    let mut secs = 10.0f64;
+    let mut warmup = 5.0f64;
+    let mut rate = 150_000.0f64;
+    let mut rounds = 3usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--secs" => secs = args.next().and_then(|s| s.parse().ok()).expect("--secs S"),
+            "--warmup" => {
+                warmup = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--warmup S")
+            }
+            "--rate" => {
+                rate = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--rate RECORDS_PER_S")
+            }
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--rounds N")
+            }
+            "--bench" => {}
+            other => {
+                eprintln!("unknown argument {other}; usage: kafka [--secs S] [--warmup S] [--rate R] [--rounds N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for r in 0..rounds {
+        let (p, c, w, f) = round(rate, secs, warmup);
+        println!(
+            "round {}: produced {p:.0}/s, plain consumer {c:.0}/s, weir into durable batches {w:.0}/s ({f:.0} fsyncs/s), weir/plain {:.2}",
+            r + 1,
+            w / c.max(1.0)
+        );
+        rows.push(w / c.max(1.0));
+    }
+    rows.sort_by(f64::total_cmp);
+    println!(
+        "weir / plain, median of {rounds} rounds: {:.2}",
+        rows[rows.len() / 2]
+    );
+}
+
+/// One round: a fresh mock cluster, producer, plain consumer and weir engine.
+fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("bench", 4, 1).expect("topic");
+    let bs = cluster.bootstrap_servers();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let produced = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (bs, stop, produced) = (bs.clone(), stop.clone(), produced.clone());
+        std::thread::spawn(move || {
+            let p: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &bs)
+                .set("linger.ms", "5")
+                .set("batch.num.messages", "10000")
+                .set("queue.buffering.max.messages", "200000")
+                .create()
+                .expect("producer");
+            let payload = [b'x'; 100];
+            let mut i = 0u64;
+            let t0 = Instant::now();
+            while !stop.load(Relaxed) {
+                // Pace: the mock broker keeps ~5 MiB per partition and is single-threaded.
+                let due = (t0.elapsed().as_secs_f64() * rate) as u64;
+                if i >= due {
+                    p.poll(Duration::from_millis(1));
+                    continue;
+                }
+                match p.send(BaseRecord::<[u8], [u8]>::to("bench").payload(&payload[..])) {
+                    Ok(()) => {
+                        i += 1;
+                        if i % 1000 == 0 {
+                            produced.store(i, Relaxed);
+                            p.poll(Duration::ZERO);
+                        }
+                    }
+                    Err(_) => {
+                        p.poll(Duration::from_millis(1));
+                    }
+                }
+            }
+            let _ = p.flush(Duration::from_secs(5));
+        })
+    };
+
+    let plain = Arc::new(AtomicU64::new(0));
+    let plain_thread = {
+        let (bs, stop, plain) = (bs.clone(), stop.clone(), plain.clone());
+        std::thread::spawn(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bs)
+                .set("group.id", "plain")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .expect("consumer");
+            c.subscribe(&["bench"]).expect("subscribe");
+            while !stop.load(Relaxed) {
+                if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
+                    plain.fetch_add(1, Relaxed);
+                }
+            }
+            c.unsubscribe();
+        })
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let read_back = Arc::new(AtomicU64::new(0));
+    let (produced_rate, plain_rate, weir_rate, fsyncs) = rt.block_on(async {
+        let mut ctx = StreamingContext::new(StreamingConfig::default(), dir.path());
+        let mut kc = KafkaConfig::new(&bs, "weir", &["bench"]);
+        kc.properties
+            .insert("auto.offset.reset".into(), "earliest".into());
+        ctx.add_receiver("kafka", KafkaReceiver::new(kc).expect("config"));
+        let rb = read_back.clone();
+        ctx.foreach_batch("count", move |b| {
+            let n: usize = b.map_partitions(|it| it.count())?.into_iter().sum();
+            rb.fetch_add(n as u64, Relaxed);
+            Ok(())
+        });
+        let running = ctx.start().await.expect("start");
+        tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+        let m = running.metrics();
+        let (p0, c0, w0, f0) = (
+            produced.load(Relaxed),
+            plain.load(Relaxed),
+            m.engine().batch_records(),
+            m.wal().snapshot().fsyncs,
+        );
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let s = t0.elapsed().as_secs_f64();
+        let (p1, c1, w1, f1) = (
+            produced.load(Relaxed),
+            plain.load(Relaxed),
+            m.engine().batch_records(),
+            m.wal().snapshot().fsyncs,
+        );
+        stop.store(true, Relaxed);
+        running.stop().await.expect("stop");
+        (
+            (p1 - p0) as f64 / s,
+            (c1 - c0) as f64 / s,
+            (w1 - w0) as f64 / s,
+            (f1 - f0) as f64 / s,
+        )
+    });
+    let _ = producer.join();
+    let _ = plain_thread.join();
+    (produced_rate, plain_rate, weir_rate, fsyncs)
+}
