@@ -109,7 +109,7 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
                 match p.send(BaseRecord::<[u8], [u8]>::to("bench").payload(&payload[..])) {
                     Ok(()) => {
                         i += 1;
-                        if i % 1000 == 0 {
+                        if i.is_multiple_of(1000) {
                             produced.store(i, Relaxed);
                             p.poll(Duration::ZERO);
                         }
