@@ -155,7 +155,9 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
         let mut kc = KafkaConfig::new(&bs, "weir", &["bench"]);
         kc.properties
             .insert("auto.offset.reset".into(), "earliest".into());
-        ctx.add_receiver("kafka", KafkaReceiver::new(kc).expect("config"));
+        let receiver = KafkaReceiver::new(kc).expect("config");
+        let kstats = receiver.stats();
+        ctx.add_receiver("kafka", receiver);
         let rb = read_back.clone();
         ctx.foreach_batch("count", move |b| {
             let n: usize = b.map_partitions(|it| it.count())?.into_iter().sum();
@@ -174,6 +176,13 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         let s = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "  weir receiver polled {} records in total, {} commits, {} rebalances; records durable {}",
+            kstats.records.load(Relaxed),
+            kstats.commits.load(Relaxed),
+            kstats.rebalances.load(Relaxed),
+            m.engine().receiver("kafka").records_stored()
+        );
         let (p1, c1, w1, f1) = (
             produced.load(Relaxed),
             plain.load(Relaxed),

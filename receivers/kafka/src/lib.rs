@@ -386,12 +386,29 @@ impl Receiver for KafkaReceiver {
             ..Shared::default()
         });
         *lock(&shared.checkpoint) = ctx.checkpoint();
-        let consumer: BaseConsumer<Ctx> = self
-            .client_config()
-            .create_with_context(Ctx {
-                shared: shared.clone(),
+        let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
+            self.client_config()
+                .create_with_context(Ctx {
+                    shared: shared.clone(),
+                })
+                .map_err(|e| ReceiverError::context("creating the Kafka consumer", e))?,
+        );
+        // Lag needs broker round trips (watermarks): a thread of its own, off the poll path.
+        let lag_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lag_thread = {
+            let (c, stats, stop) = (consumer.clone(), self.stats.clone(), lag_stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    for _ in 0..50 {
+                        if stop.load(Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    update_lag(&c, &stats);
+                }
             })
-            .map_err(|e| ReceiverError::context("creating the Kafka consumer", e))?;
+        };
         let subscribe: Vec<String> = match &self.config.topic_regex {
             Some(r) => vec![format!("^{r}")],
             None => self.config.topics.clone(),
@@ -431,7 +448,6 @@ impl Receiver for KafkaReceiver {
         let poll = tokio::task::spawn_blocking(move || -> Result<(), ReceiverError> {
             let mut last_commit = Instant::now();
             let commit_every = Duration::from_millis(config.commit_interval_ms);
-            let mut last_lag = Instant::now();
             let mut topics: Vec<Arc<str>> = Vec::new();
             while !ctx2.is_shutting_down() {
                 if let Some(f) = lock(&poll_shared.progress).failed.clone() {
@@ -520,10 +536,6 @@ impl Receiver for KafkaReceiver {
                     poll_shared.commit(&consumer, None, CommitMode::Async);
                     last_commit = Instant::now();
                 }
-                if last_lag.elapsed() >= Duration::from_secs(5) {
-                    last_lag = Instant::now();
-                    update_lag(&consumer, &stats);
-                }
             }
             // Shutdown: wait for what is in flight, commit it, leave the group cleanly.
             drop(tx);
@@ -557,9 +569,11 @@ impl Receiver for KafkaReceiver {
         });
         let r = poll
             .await
-            .map_err(|e| ReceiverError::msg(format!("the Kafka poll thread failed: {e}")))?;
+            .map_err(|e| ReceiverError::msg(format!("the Kafka poll thread failed: {e}")));
+        lag_stop.store(true, Relaxed);
+        let _ = tokio::task::spawn_blocking(move || lag_thread.join()).await;
         let _ = acker.await;
-        r
+        r?
     }
 }
 
