@@ -119,6 +119,30 @@ impl Batch {
         self.load(i)?.to_vec().map_err(|e| self.decode_err(i, e))
     }
 
+    /// Runs `f` on the records of partition `i`, decoded as it iterates; a record that does not
+    /// decode ends the iteration and becomes the error.
+    fn with_records<T>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut dyn Iterator<Item = Record>) -> T,
+    ) -> Result<T, BatchError> {
+        let block = self.load(i)?;
+        let mut err = None;
+        let mut it = block.records().map_while(|r| match r {
+            Ok(r) => Some(r),
+            Err(e) => {
+                err = Some(e);
+                None
+            }
+        });
+        let out = f(&mut it);
+        drop(it);
+        match err {
+            Some(e) => Err(self.decode_err(i, e)),
+            None => Ok(out),
+        }
+    }
+
     /// Runs `f` on each block (partition) and its records, one block after another in log
     /// order, stopping at the first error. Memory holds one block at a time: for outputs.
     ///
@@ -130,21 +154,7 @@ impl Batch {
         F: FnMut(&BlockRef, &mut dyn Iterator<Item = Record>) -> Result<(), E>,
     {
         for i in 0..self.blocks.len() {
-            let block = self.load(i)?;
-            let mut err = None;
-            let mut it = block.records().map_while(|r| match r {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    err = Some(e);
-                    None
-                }
-            });
-            let out = f(&self.blocks[i], &mut it);
-            drop(it);
-            if let Some(e) = err {
-                return Err(self.decode_err(i, e).into());
-            }
-            out?;
+            self.with_records(i, |it| f(&self.blocks[i], it))??;
         }
         Ok(())
     }
@@ -160,23 +170,7 @@ impl Batch {
     {
         (0..self.blocks.len())
             .into_par_iter()
-            .map(|i| {
-                let block = self.load(i)?;
-                let mut err = None;
-                let mut it = block.records().map_while(|r| match r {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        err = Some(e);
-                        None
-                    }
-                });
-                let out = f(&mut it);
-                drop(it);
-                match err {
-                    Some(e) => Err(self.decode_err(i, e)),
-                    None => Ok(out),
-                }
-            })
+            .map(|i| self.with_records(i, &f))
             .collect()
     }
 

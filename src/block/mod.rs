@@ -5,7 +5,7 @@ pub mod codec;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -15,13 +15,8 @@ use weir_receiver::{BlockId, Checkpoint, ReceiverHost, Record, StoreError, Store
 use crate::rate::RateLimiter;
 use crate::stream::metrics::{Metrics, ReceiverMetrics};
 use crate::tracker::BlockRef;
-use crate::wal::{AppendFuture, RecordHandle, Wal, WalPosition};
+use crate::wal::{lock, AppendFuture, RecordHandle, Wal, WalPosition};
 use codec::{BlockBuilder, DecodedBlock};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind; keep going.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()

@@ -75,7 +75,7 @@ async fn handle(mut stream: TcpStream, status: SharedStatus) -> std::io::Result<
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
     let (code, body, kind) = {
-        let s = status.lock().unwrap_or_else(|p| p.into_inner());
+        let s = crate::wal::lock(&status);
         match path {
             "/metrics" => match &s.metrics {
                 Some(m) => (200, m.prometheus_text(), "text/plain; version=0.0.4"),

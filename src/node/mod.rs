@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::stream::{EngineError, StreamingContext};
+use crate::wal::lock;
 use config::{LogFormat, NodeConfig, OutputConfig, ReceiverKind};
 
 /// Why the node stopped badly.
@@ -132,8 +133,4 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let report = running.stop().await?;
     tracing::info!(completed_through = ?report.completed_through, abandoned = ?report.receivers_abandoned, "stopped cleanly");
     Ok(())
-}
-
-fn lock(s: &http::SharedStatus) -> std::sync::MutexGuard<'_, http::Status> {
-    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

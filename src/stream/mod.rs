@@ -16,7 +16,7 @@ mod supervisor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -29,7 +29,7 @@ use crate::block::{
 };
 use crate::rate::{PidRateEstimator, RateLimiter};
 use crate::tracker::{BlockRef, Commit, Tracker, TrackerError};
-use crate::wal::{CleanupThreshold, Storage, Wal, WalError, WalPosition};
+use crate::wal::{lock, CleanupThreshold, Storage, Wal, WalError, WalPosition};
 pub use config::{ClockMode, StreamingConfig};
 pub use metrics::{Metrics, MetricsRegistry, ReceiverMetrics};
 
@@ -394,10 +394,6 @@ struct Engine {
     /// Set when a stop gave up on a batch whose job kept failing: (batch, last error).
     incomplete: Mutex<Option<(u64, String)>>,
     pid: Mutex<HashMap<Arc<str>, PidRateEstimator>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Engine {

@@ -225,8 +225,9 @@ pub(crate) struct Shared {
     pub(crate) skipped: Vec<CorruptRegion>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data consistent before anything can panic.
+/// Locks `m`, going on after a panic elsewhere: every critical section of the crate leaves its
+/// data consistent before anything can panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
