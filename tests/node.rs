@@ -38,10 +38,35 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 struct Node(Child);
 
+/// Starts `receiver-node run --config config`, killed when the handle drops.
+fn spawn_node(config: &Path) -> Node {
+    Node(
+        Command::new(NODE)
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Waits for the node to exit; fails with `what` after `timeout`.
+fn wait_exit(node: &mut Node, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = node.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t0.elapsed() < timeout, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -124,15 +149,7 @@ fn the_node_ingests_lines_writes_batches_serves_metrics_and_drains_on_sigterm() 
         ),
     )
     .unwrap();
-    let node = Node(
-        Command::new(NODE)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let node = spawn_node(&config);
     wait_until("health", Duration::from_secs(30), || {
         http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
     });
@@ -179,17 +196,7 @@ fn the_node_ingests_lines_writes_batches_serves_metrics_and_drains_on_sigterm() 
     assert_eq!(http_get(mport, "/nope").unwrap().0, 404);
     sigterm(&node.0);
     let mut node = node;
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = node.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
     assert!(status.success(), "{status}");
     // Nothing half-written is left behind.
     for e in std::fs::read_dir(&out_dir).unwrap() {
@@ -242,15 +249,7 @@ fn a_failing_output_fails_the_batch_which_is_retried_until_it_succeeds() {
         ),
     )
     .unwrap();
-    let node = Node(
-        Command::new(NODE)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let node = spawn_node(&config);
     wait_until("health", Duration::from_secs(30), || {
         http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
     });
@@ -306,15 +305,7 @@ fn a_second_signal_during_the_drain_exits_at_once_with_130() {
         ),
     )
     .unwrap();
-    let mut node = Node(
-        Command::new(NODE)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut node = spawn_node(&config);
     wait_until("health", Duration::from_secs(30), || {
         http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
     });
@@ -327,29 +318,15 @@ fn a_second_signal_during_the_drain_exits_at_once_with_130() {
         http_get(mport, "/health").is_some_and(|(c, b)| c == 503 && b.starts_with("stopping"))
     });
     sigterm(&node.0);
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = node.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no exit after the second signal"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_exit(
+        &mut node,
+        Duration::from_secs(10),
+        "no exit after the second signal",
+    );
     assert_eq!(status.code(), Some(130));
     // The record is still in the WAL: a restart with a working output processes it.
     std::fs::remove_file(&out_dir).unwrap();
-    let node = Node(
-        Command::new(NODE)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let node = spawn_node(&config);
     wait_until(
         "the record after the restart",
         Duration::from_secs(30),
@@ -394,15 +371,7 @@ fn the_node_consumes_a_kafka_topic_from_a_mock_cluster_in_another_process() {
         ),
     )
     .unwrap();
-    let node = Node(
-        Command::new(NODE)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let node = spawn_node(&config);
     let read_all = || -> Vec<serde_json::Value> {
         let mut v = Vec::new();
         if let Ok(rd) = std::fs::read_dir(&out_dir) {
@@ -437,14 +406,7 @@ fn the_node_consumes_a_kafka_topic_from_a_mock_cluster_in_another_process() {
     assert_eq!(offsets.len(), 200, "a Kafka record stored twice");
     sigterm(&node.0);
     let mut node = node;
-    let t0 = Instant::now();
-    while node.0.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
     // The node committed what it stored before leaving the group.
     let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &bs)
@@ -529,20 +491,9 @@ fn two_nodes_in_one_group_lose_nothing_when_one_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg_a, out_a) = kafka_node_config(dir.path(), "a", &bs, "g");
     let (cfg_b, out_b) = kafka_node_config(dir.path(), "b", &bs, "g");
-    let spawn = |cfg: &Path| {
-        Node(
-            Command::new(NODE)
-                .args(["run", "--config"])
-                .arg(cfg)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
     produce(0, 400);
-    let mut a = spawn(&cfg_a);
-    let b = spawn(&cfg_b);
+    let mut a = spawn_node(&cfg_a);
+    let b = spawn_node(&cfg_b);
     wait_until("the first 400 records", Duration::from_secs(60), || {
         lines_in(&out_a).len() + lines_in(&out_b).len() >= 400
     });
@@ -563,7 +514,7 @@ fn two_nodes_in_one_group_lose_nothing_when_one_is_killed() {
             .iter()
             .any(|l| l[1..].parse::<u32>().unwrap() >= 400)
     });
-    let a = spawn(&cfg_a);
+    let a = spawn_node(&cfg_a);
     wait_until(
         "all 800 records in the outputs",
         Duration::from_secs(90),
