@@ -314,15 +314,30 @@ pub(crate) struct GeneratorLimits {
     pub(crate) max_call: usize,
 }
 
-/// Encoded size of `records` in a block, an upper bound.
-fn encoded_size(records: &[Record]) -> usize {
-    records.iter().map(Record::size_hint).sum::<usize>() + 64
+/// The sizes of one `store()` call's records, measured in one pass.
+#[derive(Clone, Copy)]
+struct Sizes {
+    /// Encoded size in a block, an upper bound.
+    encoded: usize,
+    /// Payload bytes.
+    payload: u64,
+}
+
+impl Sizes {
+    fn of(records: &[Record]) -> Sizes {
+        let (mut encoded, mut payload) = (64, 0u64);
+        for r in records {
+            encoded += r.size_hint();
+            payload += r.payload.len() as u64;
+        }
+        Sizes { encoded, payload }
+    }
 }
 
 /// A `store()` call waiting for the rate limit or the pending-bytes budget.
 struct Admission {
     records: Vec<Record>,
-    size: usize,
+    sizes: Sizes,
     kib: u32,
     reply: oneshot::Sender<Result<watch::Receiver<Outcome>, StoreError>>,
 }
@@ -386,7 +401,7 @@ impl Generator {
                     .fetch_add(throttled.as_micros() as u64, Relaxed);
             }
             let result = match g.budget.clone().acquire_many_owned(a.kib).await {
-                Ok(permit) => g.add(&a.records, a.size, permit),
+                Ok(permit) => g.add(&a.records, a.sizes, permit),
                 Err(_) => Err(StoreError::ShuttingDown),
             };
             g.slow_waiters.fetch_sub(1, Relaxed);
@@ -455,7 +470,7 @@ impl Generator {
     fn add(
         &self,
         records: &[Record],
-        size: usize,
+        sizes: Sizes,
         permit: OwnedSemaphorePermit,
     ) -> Result<watch::Receiver<Outcome>, StoreError> {
         let mut st = lock(&self.state);
@@ -465,18 +480,16 @@ impl Generator {
         if let Some(e) = self.writer.fatal() {
             return Err(StoreError::Storage(e.to_string()));
         }
-        if !st.builder.is_empty() && st.builder.len() + size > self.block_max {
+        if !st.builder.is_empty() && st.builder.len() + sizes.encoded > self.block_max {
             self.cut_locked(&mut st);
         }
-        let mut payload = 0u64;
         for r in records {
             st.builder.push(r);
-            payload += r.payload.len() as u64;
             if let Some(p) = &r.position {
                 st.checkpoint.observe(p);
             }
         }
-        st.payload_bytes += payload;
+        st.payload_bytes += sizes.payload;
         self.metrics
             .pending_bytes
             .fetch_add((permit.num_permits() as u64) << 10, Relaxed);
@@ -523,7 +536,8 @@ impl Generator {
         if self.closed.load(Relaxed) {
             return StoreFuture::ready(Err(StoreError::ShuttingDown));
         }
-        let size = encoded_size(&records);
+        let sizes = Sizes::of(&records);
+        let size = sizes.encoded;
         if size > self.max_call {
             self.metrics.store_failures.fetch_add(1, Relaxed);
             return StoreFuture::ready(Err(StoreError::TooLarge {
@@ -532,15 +546,16 @@ impl Generator {
             }));
         }
         self.metrics.records_received.fetch_add(n as u64, Relaxed);
-        let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
-        self.metrics.bytes_received.fetch_add(bytes, Relaxed);
+        self.metrics
+            .bytes_received
+            .fetch_add(sizes.payload, Relaxed);
         let kib = self.kib(size);
         // Fast path: no rate limit, room in the budget and nobody queued before us: the records
         // enter the current block now, in call order.
         if self.limiter.limit().is_none() && self.slow_waiters.load(Relaxed) == 0 {
             match self.budget.clone().try_acquire_many_owned(kib) {
                 Ok(permit) => {
-                    return match self.add(&records, size, permit) {
+                    return match self.add(&records, sizes, permit) {
                         Ok(rx) => StoreFuture::new(Self::wait(rx, n)),
                         Err(e) => StoreFuture::ready(Err(e)),
                     };
@@ -556,7 +571,7 @@ impl Generator {
         self.slow_waiters.fetch_add(1, Relaxed);
         let queued = self.admit.send(Admission {
             records,
-            size,
+            sizes,
             kib,
             reply,
         });
