@@ -282,7 +282,10 @@ fn a_failing_output_fails_the_batch_which_is_retried_until_it_succeeds() {
             })
         },
     );
-    assert_eq!(metric("weir_batch_records_total "), 1.0);
+    // The batch is counted complete just after its output returns.
+    wait_until("the batch completed", Duration::from_secs(30), || {
+        metric("weir_batch_records_total ") == 1.0
+    });
     sigterm(&node.0);
 }
 
