@@ -12,13 +12,15 @@ use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use weir_receiver::Checkpoint;
+use weir_receiver::{Checkpoint, OffsetRange};
 
 use crate::wal::{RecordHandle, WalPosition};
 
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+/// Per batch time: the offset ranges of direct sources (read from the source, not the WAL).
+const DIRECT: TableDefinition<u64, &[u8]> = TableDefinition::new("direct_ranges");
 
 const ALLOCATED_END: &str = "allocated_end";
 const COMPLETED_THROUGH: &str = "completed_through";
@@ -62,6 +64,48 @@ pub struct BlockRef {
     pub receiver: Arc<str>,
 }
 
+/// One offset range of a direct source in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRange {
+    /// The direct source's name.
+    pub source: Arc<str>,
+    /// The range.
+    pub range: OffsetRange,
+}
+
+type RangeRow<'a> = (&'a str, &'a str, i32, u64, u64);
+
+fn encode_ranges(r: &[DirectRange]) -> std::result::Result<Vec<u8>, postcard::Error> {
+    let v: Vec<RangeRow<'_>> = r
+        .iter()
+        .map(|d| {
+            (
+                &*d.source,
+                &*d.range.stream,
+                d.range.partition,
+                d.range.from,
+                d.range.until,
+            )
+        })
+        .collect();
+    postcard::to_stdvec(&v)
+}
+
+fn decode_ranges(b: &[u8]) -> std::result::Result<Vec<DirectRange>, postcard::Error> {
+    let v: Vec<RangeRow<'_>> = postcard::from_bytes(b)?;
+    Ok(v.into_iter()
+        .map(|(source, stream, partition, from, until)| DirectRange {
+            source: Arc::from(source),
+            range: OffsetRange {
+                stream: Arc::from(stream),
+                partition,
+                from,
+                until,
+            },
+        })
+        .collect())
+}
+
 /// Everything the tracker knows, as loaded at startup.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrackerState {
@@ -71,8 +115,11 @@ pub struct TrackerState {
     pub completed_through: Option<u64>,
     /// Allocated batches still on record (incomplete ones, and complete ones kept for windows).
     pub batches: BTreeMap<u64, Vec<BlockRef>>,
-    /// Per-receiver checkpoints as of the last allocation.
+    /// Per-receiver checkpoints as of the last allocation (for a direct source: the last offset
+    /// planned into a batch, per partition).
     pub checkpoints: BTreeMap<String, Checkpoint>,
+    /// The direct sources' ranges of the batches on record.
+    pub direct: BTreeMap<u64, Vec<DirectRange>>,
 }
 
 impl TrackerState {
@@ -99,6 +146,8 @@ impl TrackerState {
 pub struct Commit<'a> {
     /// Allocate batch `time` with these blocks, moving `allocated_end` to the given position.
     pub allocate: Option<(u64, &'a [BlockRef], WalPosition)>,
+    /// The direct sources' ranges of the allocated batch.
+    pub direct: &'a [DirectRange],
     /// Batches up to and including this time are now complete.
     pub completed_through: Option<u64>,
     /// New receiver checkpoints.
@@ -251,6 +300,8 @@ impl Tracker {
                 .map_err(|e| err("open table")(e.into()))?;
             tx.open_table(CHECKPOINTS)
                 .map_err(|e| err("open table")(e.into()))?;
+            tx.open_table(DIRECT)
+                .map_err(|e| err("open table")(e.into()))?;
         }
         tx.commit().map_err(|e| err("commit")(e.into()))?;
         Ok(t)
@@ -292,6 +343,14 @@ impl Tracker {
             let c = decode_checkpoint(v.value()).map_err(enc_err("decode checkpoint"))?;
             s.checkpoints.insert(k.value().to_string(), c);
         }
+        let direct = tx
+            .open_table(DIRECT)
+            .map_err(|e| err("open table")(e.into()))?;
+        for row in direct.iter().map_err(|e| err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| err("read")(e.into()))?;
+            let r = decode_ranges(v.value()).map_err(enc_err("decode ranges"))?;
+            s.direct.insert(k.value(), r);
+        }
         Ok(s)
     }
 
@@ -310,7 +369,16 @@ impl Tracker {
             let mut batches = tx
                 .open_table(BATCHES)
                 .map_err(|e| err("open table")(e.into()))?;
+            let mut direct = tx
+                .open_table(DIRECT)
+                .map_err(|e| err("open table")(e.into()))?;
             if let Some((time, blocks, end)) = c.allocate {
+                if !c.direct.is_empty() {
+                    let v = encode_ranges(c.direct).map_err(enc_err("encode"))?;
+                    direct
+                        .insert(time, v.as_slice())
+                        .map_err(|e| err("write")(e.into()))?;
+                }
                 let v = postcard::to_stdvec(blocks).map_err(enc_err("encode"))?;
                 batches
                     .insert(time, v.as_slice())
@@ -326,6 +394,9 @@ impl Tracker {
             }
             if let Some(before) = c.forget_before {
                 batches
+                    .retain_in(..before, |_, _| false)
+                    .map_err(|e| err("write")(e.into()))?;
+                direct
                     .retain_in(..before, |_, _| false)
                     .map_err(|e| err("write")(e.into()))?;
             }

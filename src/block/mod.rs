@@ -94,16 +94,60 @@ impl BlockCache {
     }
 }
 
-/// Reads blocks for batches: from the cache, else from the WAL (checksummed).
+/// The segment id of blocks that live in memory only (read from a direct source, which is its
+/// own log); no WAL segment ever has it.
+pub(crate) const DIRECT_SEGMENT: u64 = u64::MAX;
+
+/// Reads blocks for batches: from the cache, else from the WAL (checksummed); blocks of direct
+/// sources from memory (pinned until their batch is forgotten).
 #[derive(Debug)]
 pub(crate) struct BlockSource {
     pub(crate) wal: Arc<Wal>,
     pub(crate) cache: Arc<BlockCache>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pinned: Mutex<HashMap<RecordHandle, Bytes>>,
+    pub(crate) next_pinned: std::sync::atomic::AtomicU64,
 }
 
 impl BlockSource {
+    pub(crate) fn new(wal: Arc<Wal>, cache: Arc<BlockCache>, metrics: Arc<Metrics>) -> Self {
+        BlockSource {
+            wal,
+            cache,
+            metrics,
+            pinned: Mutex::default(),
+            next_pinned: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Keeps `block` in memory under a new handle (in [`DIRECT_SEGMENT`]) until [`unpin`].
+    ///
+    /// [`unpin`]: Self::unpin
+    pub(crate) fn pin(&self, block: Bytes) -> RecordHandle {
+        let handle = RecordHandle {
+            segment: DIRECT_SEGMENT,
+            offset: self.next_pinned.fetch_add(1, Relaxed),
+            len: block.len() as u32,
+        };
+        lock(&self.pinned).insert(handle, block);
+        handle
+    }
+
+    pub(crate) fn unpin(&self, handle: &RecordHandle) {
+        lock(&self.pinned).remove(handle);
+    }
+
     pub(crate) fn load(&self, block: &BlockRef) -> Result<DecodedBlock, String> {
+        if block.handle.segment == DIRECT_SEGMENT {
+            let bytes = lock(&self.pinned)
+                .get(&block.handle)
+                .cloned()
+                .ok_or_else(|| {
+                    format!("block {} of a direct source is gone", block.handle.offset)
+                })?;
+            return DecodedBlock::decode(bytes)
+                .map_err(|e| format!("decoding direct block {}: {e}", block.handle.offset));
+        }
         let bytes = match self.cache.get(&block.handle) {
             Some(b) => b,
             None => {

@@ -95,7 +95,8 @@ pub struct ReceiverSpec {
 pub enum ReceiverKind {
     /// TCP socket (connect or listen mode).
     Socket(weir_socket::SocketConfig),
-    /// Kafka consumer group member (the reliable high-level consumer).
+    /// Kafka: a consumer-group member (the reliable high-level consumer, `mode = "group"`, the
+    /// default) or a direct source (`mode = "direct"`: offset ranges per batch, no WAL).
     Kafka(weir_kafka::KafkaConfig),
 }
 

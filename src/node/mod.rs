@@ -54,6 +54,11 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
                 ctx.add_receiver(r.name.as_str(), receiver);
             }
+            ReceiverKind::Kafka(c) if c.mode == weir_kafka::KafkaMode::Direct => {
+                let source = weir_kafka::KafkaDirectSource::new(c.clone())
+                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_direct_source(r.name.as_str(), source);
+            }
             ReceiverKind::Kafka(c) => {
                 let receiver = weir_kafka::KafkaReceiver::new(c.clone())
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;

@@ -71,6 +71,9 @@ pub struct Metrics {
     pub(crate) unallocated_blocks: AtomicU64,
     pub(crate) last_completed_batch_ms: AtomicU64,
     pub(crate) recovery_ms: AtomicU64,
+    pub(crate) direct_records_read: AtomicU64,
+    pub(crate) direct_plan_failures: AtomicU64,
+    pub(crate) direct_read_failures: AtomicU64,
     receivers: Mutex<BTreeMap<String, Arc<ReceiverMetrics>>>,
 }
 
@@ -141,6 +144,12 @@ impl Metrics {
         last_completed_batch_ms,
         /// Duration of the last startup recovery, ms (gauge).
         recovery_ms,
+        /// Records read from direct sources' ranges (counter; again on re-runs).
+        direct_records_read,
+        /// Direct-source plans that failed or were refused (counter).
+        direct_plan_failures,
+        /// Reads of a batch's direct ranges that failed; the read is retried (counter).
+        direct_read_failures,
     }
 
     /// The metrics of receiver `name` (created on first use).
@@ -298,6 +307,24 @@ impl MetricsRegistry {
                 "Duration of the last startup recovery.",
                 G,
                 e.recovery_ms(),
+            ),
+            (
+                "weir_direct_records_read_total",
+                "Records read from direct sources' offset ranges.",
+                C,
+                e.direct_records_read(),
+            ),
+            (
+                "weir_direct_plan_failures_total",
+                "Direct-source range plans that failed or were refused.",
+                C,
+                e.direct_plan_failures(),
+            ),
+            (
+                "weir_direct_read_failures_total",
+                "Failed reads of a batch's direct ranges (retried).",
+                C,
+                e.direct_read_failures(),
             ),
         ] {
             push(name, help, kind, Vec::new(), v);

@@ -21,14 +21,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use weir_receiver::{shutdown_channel, DynReceiver, Receiver, ShutdownTrigger};
+use weir_receiver::{
+    shutdown_channel, Checkpoint, DirectSource, DynReceiver, OffsetRange, Receiver, ShutdownTrigger,
+};
 
 use crate::batch::Batch;
+use crate::block::codec::BlockBuilder;
 use crate::block::{
-    now_ms, BlockCache, BlockSource, BlockWriter, Generator, GeneratorLimits, Host,
+    now_ms, BlockCache, BlockSource, BlockWriter, Generator, GeneratorLimits, Host, DIRECT_SEGMENT,
 };
 use crate::rate::{PidRateEstimator, RateLimiter};
-use crate::tracker::{BlockRef, Commit, Tracker, TrackerError};
+use crate::tracker::{BlockRef, Commit, DirectRange, Tracker, TrackerError};
 use crate::wal::{lock, CleanupThreshold, Storage, Wal, WalError, WalPosition};
 pub use config::{ClockMode, StreamingConfig};
 pub use metrics::{Metrics, MetricsRegistry, ReceiverMetrics};
@@ -116,6 +119,7 @@ pub struct StreamingContext {
     config: StreamingConfig,
     storage: StorageChoice,
     receivers: Vec<(Arc<str>, DynReceiver)>,
+    direct: Vec<(Arc<str>, Arc<dyn DirectSource>)>,
     jobs: Vec<Job>,
 }
 
@@ -136,6 +140,7 @@ impl StreamingContext {
             config,
             storage: StorageChoice::Dir(data_dir.into()),
             receivers: Vec::new(),
+            direct: Vec::new(),
             jobs: Vec::new(),
         }
     }
@@ -154,6 +159,7 @@ impl StreamingContext {
                 tracker: Box::new(move |first| Tracker::open_backend(tracker, first)),
             },
             receivers: Vec::new(),
+            direct: Vec::new(),
             jobs: Vec::new(),
         }
     }
@@ -167,6 +173,21 @@ impl StreamingContext {
     ) -> &mut Self {
         self.receivers
             .push((name.into(), DynReceiver::new(receiver)));
+        self
+    }
+
+    /// Adds a direct source (Spark's "direct approach"): a source that is its own durable log,
+    /// such as a Kafka topic. Nothing of it goes through the WAL: at every batch the source
+    /// plans offset ranges, which the tracker records with the batch before it is processed;
+    /// processing reads exactly those ranges (one partition of the batch per range), and a
+    /// batch re-run after a crash reads the same ranges again. The name shares the namespace of
+    /// receivers (it keys the source's position in the tracker): keep it stable.
+    pub fn add_direct_source<S: DirectSource>(
+        &mut self,
+        name: impl Into<Arc<str>>,
+        source: S,
+    ) -> &mut Self {
+        self.direct.push((name.into(), Arc::new(source)));
         self
     }
 
@@ -210,11 +231,16 @@ impl StreamingContext {
             config,
             storage,
             receivers,
+            direct,
             jobs,
         } = self;
         config.validate().map_err(EngineError::Config)?;
         let mut names = std::collections::HashSet::new();
-        for (n, _) in &receivers {
+        for n in receivers
+            .iter()
+            .map(|r| &r.0)
+            .chain(direct.iter().map(|d| &d.0))
+        {
             if n.is_empty() || !names.insert(n.clone()) {
                 return Err(EngineError::Config(format!(
                     "receiver names must be unique and non-empty: {n:?}"
@@ -234,11 +260,11 @@ impl StreamingContext {
         let wal = rec.wal.clone();
         let (writer, writer_task) =
             BlockWriter::start(wal.clone(), cache.clone(), metrics.clone(), rec.unallocated);
-        let source = Arc::new(BlockSource {
-            wal: wal.clone(),
-            cache: cache.clone(),
-            metrics: metrics.clone(),
-        });
+        let source = Arc::new(BlockSource::new(
+            wal.clone(),
+            cache.clone(),
+            metrics.clone(),
+        ));
         let max_call = (config.wal.max_record_bytes as usize).saturating_sub(1 << 16);
         let mut generators = Vec::new();
         for (name, _) in &receivers {
@@ -269,6 +295,22 @@ impl StreamingContext {
         }
         let retention = jobs.iter().map(|j| j.window).max().unwrap_or(1) - 1;
         let completed = rec.state.completed_through;
+        // Direct sources: where each stands, and the ranges of the batches on record (read
+        // again when such a batch is processed or shown in a window).
+        let direct_positions = direct
+            .iter()
+            .map(|(n, _)| {
+                let cp = rec.checkpoints.get(&**n).cloned().unwrap_or_default();
+                (n.clone(), cp)
+            })
+            .collect();
+        let ranges: BTreeMap<u64, Arc<[DirectRange]>> = rec
+            .state
+            .direct
+            .iter()
+            .filter(|(t, _)| rec.batches.contains_key(t))
+            .map(|(t, r)| (*t, Arc::from(r.as_slice())))
+            .collect();
         let (completed_tx, _) = watch::channel(completed);
         let (failure_tx, _) = watch::channel(None);
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
@@ -295,6 +337,8 @@ impl StreamingContext {
             generators,
             schedule: Mutex::new(Schedule {
                 batches: rec.batches,
+                unfetched: ranges.clone(),
+                ranges,
                 persisted_completed: completed,
                 last_time: rec.state.last_allocated(),
                 allocated_end: rec.state.allocated_end,
@@ -308,6 +352,8 @@ impl StreamingContext {
             stopping: AtomicBool::new(false),
             incomplete: Mutex::new(None),
             pid: Mutex::new(pid),
+            direct,
+            direct_positions: Mutex::new(direct_positions),
         });
         if let Some(c) = completed {
             metrics.last_completed_batch_ms.store(c, Relaxed);
@@ -365,7 +411,12 @@ impl StreamingContext {
 
 struct Schedule {
     /// Allocated batches still remembered: incomplete ones and the complete ones windows need.
+    /// Once a batch's direct ranges are read, their in-memory blocks are appended here.
     batches: BTreeMap<u64, Arc<[BlockRef]>>,
+    /// Direct ranges of remembered batches.
+    ranges: BTreeMap<u64, Arc<[DirectRange]>>,
+    /// Direct ranges not read yet.
+    unfetched: BTreeMap<u64, Arc<[DirectRange]>>,
     /// Completions the tracker has persisted.
     persisted_completed: Option<u64>,
     last_time: Option<u64>,
@@ -394,6 +445,9 @@ struct Engine {
     /// Set when a stop gave up on a batch whose job kept failing: (batch, last error).
     incomplete: Mutex<Option<(u64, String)>>,
     pid: Mutex<HashMap<Arc<str>, PidRateEstimator>>,
+    direct: Vec<(Arc<str>, Arc<dyn DirectSource>)>,
+    /// Per direct source: the last offset planned into a batch, per partition.
+    direct_positions: Mutex<HashMap<Arc<str>, Checkpoint>>,
 }
 
 impl Engine {
@@ -438,6 +492,7 @@ impl Engine {
             return Err(EngineError::Failed(f));
         }
         let _commit = lock(&self.commit_lock);
+        let (ranges, positions) = self.plan_direct();
         let (time, blocks, end, checkpoints) = {
             let s = lock(&self.schedule);
             let time = self.next_time(s.last_time);
@@ -453,10 +508,14 @@ impl Engine {
             let s = lock(&self.schedule);
             (s.persisted_completed, self.forget_before(&s, completed))
         };
-        let cps: Vec<(&str, &weir_receiver::Checkpoint)> =
-            checkpoints.iter().map(|(k, v)| (&**k, v)).collect();
+        let cps: Vec<(&str, &weir_receiver::Checkpoint)> = checkpoints
+            .iter()
+            .map(|(k, v)| (&**k, v))
+            .chain(positions.iter().map(|(k, v)| (&**k, v)))
+            .collect();
         let commit = Commit {
             allocate: Some((time, &blocks, end)),
+            direct: &ranges,
             completed_through: completed.filter(|c| Some(*c) > persisted),
             checkpoints: cps,
             forget_before,
@@ -472,9 +531,17 @@ impl Engine {
         }
         self.metrics.tracker_commits.fetch_add(1, Relaxed);
         self.metrics.batches_allocated.fetch_add(1, Relaxed);
+        if !positions.is_empty() {
+            lock(&self.direct_positions).extend(positions);
+        }
         {
             let mut s = lock(&self.schedule);
             s.batches.insert(time, blocks);
+            if !ranges.is_empty() {
+                let ranges: Arc<[DirectRange]> = Arc::from(ranges);
+                s.ranges.insert(time, ranges.clone());
+                s.unfetched.insert(time, ranges);
+            }
             s.last_time = Some(time);
             s.allocated_end = end;
             s.persisted_completed = completed.max(s.persisted_completed);
@@ -482,6 +549,178 @@ impl Engine {
         }
         self.enqueue(time);
         Ok(time)
+    }
+
+    /// Asks every direct source for the next batch's ranges. A source that cannot plan (its
+    /// log unreachable) contributes nothing to this batch and plans from the same position at
+    /// the next one. Returns the ranges and each source's new position.
+    fn plan_direct(&self) -> (Vec<DirectRange>, Vec<(Arc<str>, Checkpoint)>) {
+        let mut ranges = Vec::new();
+        let mut positions = Vec::new();
+        for (name, src) in &self.direct {
+            let position = lock(&self.direct_positions)
+                .get(name)
+                .cloned()
+                .unwrap_or_default();
+            let planned = match src.plan(&position) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.metrics.direct_plan_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(source = %name, error = %e, "planning the direct source's ranges failed; this batch goes ahead without it");
+                    continue;
+                }
+            };
+            let mut next = position.clone();
+            for r in planned.into_iter().filter(|r| !r.is_empty()) {
+                // A range must start after what earlier batches took: an overlap would give
+                // records to two batches.
+                if let Some(last) = position.get(&r.stream, r.partition) {
+                    if r.from <= last {
+                        self.metrics.direct_plan_failures.fetch_add(1, Relaxed);
+                        tracing::error!(source = %name, range = %r, last_planned = last, "a planned range overlaps earlier batches; left out");
+                        continue;
+                    }
+                }
+                next.raise(r.stream.clone(), r.partition, r.until - 1);
+                ranges.push(DirectRange {
+                    source: name.clone(),
+                    range: r,
+                });
+            }
+            if next != position {
+                positions.push((name.clone(), next));
+            }
+        }
+        (ranges, positions)
+    }
+
+    /// Reads the direct ranges of batch `t`, and of the batches before it that a window shows,
+    /// into in-memory blocks appended to those batches. Blocking (reads the sources).
+    fn fetch_direct(&self, t: u64) -> Result<(), String> {
+        let todo: Vec<(u64, Arc<[DirectRange]>)> = {
+            let s = lock(&self.schedule);
+            s.batches
+                .range(..=t)
+                .rev()
+                .take(self.retention + 1)
+                .filter_map(|(bt, _)| s.unfetched.get(bt).map(|r| (*bt, r.clone())))
+                .collect()
+        };
+        for (bt, ranges) in todo {
+            let mut refs = Vec::new();
+            let pinned = |refs: &[BlockRef]| {
+                for r in refs {
+                    self.source.unpin(&r.handle);
+                }
+            };
+            for (name, src) in &self.direct {
+                let mine: Vec<OffsetRange> = ranges
+                    .iter()
+                    .filter(|d| d.source == *name)
+                    .map(|d| d.range.clone())
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let parts = match src.read(&mine) {
+                    Ok(p) if p.len() == mine.len() => p,
+                    Ok(p) => {
+                        pinned(&refs);
+                        return Err(format!(
+                            "direct source {name} returned {} parts for {} ranges",
+                            p.len(),
+                            mine.len()
+                        ));
+                    }
+                    Err(e) => {
+                        pinned(&refs);
+                        return Err(format!("batch {bt}, direct source {name}: {e}"));
+                    }
+                };
+                for (range, records) in mine.iter().zip(parts) {
+                    if records.is_empty() {
+                        continue;
+                    }
+                    let size: usize = records.iter().map(|r| r.size_hint()).sum();
+                    let mut b = BlockBuilder::with_capacity(size + 64);
+                    for r in &records {
+                        b.push(r);
+                    }
+                    let mut cp = Checkpoint::new();
+                    cp.raise(range.stream.clone(), range.partition, range.until - 1);
+                    let block = b.finish(name, &cp, now_ms());
+                    self.metrics
+                        .direct_records_read
+                        .fetch_add(records.len() as u64, Relaxed);
+                    refs.push(BlockRef {
+                        handle: self.source.pin(block),
+                        records: records.len() as u32,
+                        receiver: name.clone(),
+                    });
+                }
+            }
+            let mut s = lock(&self.schedule);
+            let still_wanted = s.unfetched.remove(&bt).is_some();
+            match s.batches.get_mut(&bt) {
+                Some(blocks) if still_wanted => {
+                    let mut all = blocks.to_vec();
+                    all.extend(refs);
+                    *blocks = Arc::from(all);
+                }
+                _ => pinned(&refs),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads batch `t`'s direct ranges, retrying with backoff; false if it gave up (stopping,
+    /// or the engine failed).
+    async fn read_direct(self: &Arc<Self>, t: u64) -> bool {
+        let mut delay = Duration::from_millis(self.config.job_retry_initial_ms);
+        let mut failures_while_stopping = 0;
+        loop {
+            let e = self.clone();
+            let err = match tokio::task::spawn_blocking(move || e.fetch_direct(t)).await {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => e,
+                Err(e) => format!("panicked: {e}"),
+            };
+            self.metrics.direct_read_failures.fetch_add(1, Relaxed);
+            tracing::error!(batch = t, error = %err, retry_in_ms = delay.as_millis() as u64, "reading the batch's direct ranges failed; retrying");
+            if self.stopping.load(Relaxed) {
+                failures_while_stopping += 1;
+                if failures_while_stopping >= 3 {
+                    *lock(&self.incomplete) = Some((t, format!("direct ranges: {err}")));
+                    return false;
+                }
+            }
+            if self.failed().is_some() {
+                return false;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(self.config.job_retry_max_ms));
+        }
+    }
+
+    /// Tells each direct source that batch `t`'s ranges are done (it may commit them back).
+    async fn direct_completed(self: &Arc<Self>, t: u64) {
+        let Some(ranges) = lock(&self.schedule).ranges.get(&t).cloned() else {
+            return;
+        };
+        let e = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (name, src) in &e.direct {
+                let mine: Vec<OffsetRange> = ranges
+                    .iter()
+                    .filter(|d| d.source == *name)
+                    .map(|d| d.range.clone())
+                    .collect();
+                if !mine.is_empty() {
+                    src.completed(&mine);
+                }
+            }
+        })
+        .await;
     }
 
     /// Persists completions without allocating (graceful stop).
@@ -530,9 +769,15 @@ impl Engine {
             let gone = std::mem::replace(&mut s.batches, keep);
             for blocks in gone.values() {
                 for b in blocks.iter() {
-                    self.cache.remove(&b.handle);
+                    if b.handle.segment == DIRECT_SEGMENT {
+                        self.source.unpin(&b.handle);
+                    } else {
+                        self.cache.remove(&b.handle);
+                    }
                 }
             }
+            s.ranges = s.ranges.split_off(&before);
+            s.unfetched = s.unfetched.split_off(&before);
         }
         // Every block at or after `allocated_end` is unallocated (or not yet durable); every
         // remembered batch's blocks must stay. Segments wholly before the minimum can go.
@@ -540,6 +785,7 @@ impl Engine {
             .batches
             .values()
             .flat_map(|b| b.iter().map(|b| b.handle.position()))
+            .filter(|p| p.segment != DIRECT_SEGMENT)
             .min()
             .unwrap_or(s.allocated_end)
             .min(s.allocated_end);
@@ -634,6 +880,9 @@ impl Engine {
     async fn process(self: &Arc<Self>, t: u64) -> bool {
         let started = now_ms();
         let t0 = Instant::now();
+        if !self.direct.is_empty() && !self.read_direct(t).await {
+            return false;
+        }
         let Some(blocks) = lock(&self.schedule).batches.get(&t).cloned() else {
             tracing::error!(batch = t, "batch to process is not remembered");
             return false;
@@ -680,6 +929,9 @@ impl Engine {
         m.batch_records.fetch_add(batch.count(), Relaxed);
         m.last_completed_batch_ms.store(t, Relaxed);
         self.completed.send_replace(Some(t));
+        if !self.direct.is_empty() {
+            self.direct_completed(t).await;
+        }
         if self.config.rate.backpressure {
             self.update_rates(&blocks, processing, scheduling);
         }

@@ -483,6 +483,78 @@ impl fmt::Debug for DynReceiver {
     }
 }
 
+/// A half-open range `[from, until)` of offsets of one partition of a replayable source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OffsetRange {
+    /// The stream (a Kafka topic, say).
+    pub stream: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+    /// The first offset of the range.
+    pub from: u64,
+    /// One past the last offset of the range.
+    pub until: u64,
+}
+
+impl OffsetRange {
+    /// Number of offsets in the range (records, unless the source has gaps such as compacted
+    /// or transaction-marker offsets).
+    pub fn len(&self) -> u64 {
+        self.until.saturating_sub(self.from)
+    }
+
+    /// True if the range holds no offset.
+    pub fn is_empty(&self) -> bool {
+        self.until <= self.from
+    }
+}
+
+impl fmt::Display for OffsetRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}[{}] {}..{}",
+            self.stream, self.partition, self.from, self.until
+        )
+    }
+}
+
+/// A source that is itself a durable, replayable log (Kafka): Spark's "direct approach".
+///
+/// Nothing is stored in weir's WAL. At every batch the engine asks the source to [`plan`] the
+/// next offset ranges, records them in its tracker before processing, and has the source
+/// [`read`] exactly those ranges when the batch is processed — again after a crash, from the
+/// same ranges, so a re-run batch sees the same records. All methods block (the engine calls
+/// them on blocking threads).
+///
+/// [`plan`]: DirectSource::plan
+/// [`read`]: DirectSource::read
+pub trait DirectSource: Send + Sync + 'static {
+    /// The ranges of the next batch. `position` holds, per partition, the last offset already
+    /// planned into a batch (the ranges must start right after it); partitions missing from it
+    /// start where the source decides (a committed offset, or its reset policy). Empty ranges
+    /// may be left out.
+    ///
+    /// # Errors
+    /// If the source cannot be reached: the batch goes ahead without this source's data, and
+    /// the next batch plans again from the same position.
+    fn plan(&self, position: &Checkpoint) -> Result<Vec<OffsetRange>, ReceiverError>;
+
+    /// Reads the records of each range, in offset order, one `Vec` per range. Every offset of a
+    /// range still in the source must be returned (offsets the source itself skips, such as
+    /// compacted ones, are absent).
+    ///
+    /// # Errors
+    /// If a range cannot be read completely (the engine retries the batch with backoff).
+    fn read(&self, ranges: &[OffsetRange]) -> Result<Vec<Vec<Record>>, ReceiverError>;
+
+    /// Called once a batch holding these ranges is complete: for example, to commit offsets
+    /// back to the source for monitoring. Best effort; the default does nothing.
+    fn completed(&self, ranges: &[OffsetRange]) {
+        let _ = ranges;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod direct;
+pub use direct::{DirectStats, KafkaDirectSource};
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -63,6 +66,43 @@ pub struct KafkaConfig {
     /// Default 30000. If it passes, their offsets are not committed (they are redelivered).
     #[serde(default = "default_revoke_timeout_ms")]
     pub revoke_timeout_ms: u64,
+    /// `group` (default): the reliable consumer-group member, records stored in the WAL.
+    /// `direct`: Spark's direct approach (see [`KafkaDirectSource`]); nothing goes through the
+    /// WAL, each batch records offset ranges and reads them from Kafka.
+    #[serde(default)]
+    pub mode: KafkaMode,
+    /// Direct mode: at most this many offsets per partition in one batch. Default 100000.
+    #[serde(default = "default_max_records_per_partition")]
+    pub max_records_per_partition: u64,
+    /// Direct mode: commit each completed batch's offsets back to `group_id` (for monitoring
+    /// tools; weir itself resumes from its tracker). Default true.
+    #[serde(default = "default_true")]
+    pub commit_offsets: bool,
+    /// Direct mode: reading a batch's ranges fails (and is retried) after this long without
+    /// progress, ms. Default 30000.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+}
+
+/// How a Kafka receiver consumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaMode {
+    /// A consumer-group member whose records go through the WAL ([`KafkaReceiver`]).
+    #[default]
+    Group,
+    /// Offset ranges per batch, read from Kafka itself ([`KafkaDirectSource`]).
+    Direct,
+}
+
+fn default_max_records_per_partition() -> u64 {
+    100_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_read_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_max_poll_records() -> usize {
@@ -98,6 +138,10 @@ impl KafkaConfig {
             max_in_flight: default_max_in_flight(),
             commit_interval_ms: default_commit_interval_ms(),
             revoke_timeout_ms: default_revoke_timeout_ms(),
+            mode: KafkaMode::Group,
+            max_records_per_partition: default_max_records_per_partition(),
+            commit_offsets: true,
+            read_timeout_ms: default_read_timeout_ms(),
         }
     }
 
@@ -135,6 +179,17 @@ impl KafkaConfig {
         }
         if self.commit_interval_ms == 0 {
             return Err("commit_interval_ms must be at least 1".into());
+        }
+        if self.mode == KafkaMode::Direct {
+            if self.topic_regex.is_some() {
+                return Err("topic_regex is not supported in direct mode: list the topics".into());
+            }
+            if self.max_records_per_partition == 0 {
+                return Err("max_records_per_partition must be at least 1".into());
+            }
+            if self.read_timeout_ms == 0 {
+                return Err("read_timeout_ms must be at least 1".into());
+            }
         }
         Ok(())
     }
@@ -346,6 +401,11 @@ impl KafkaReceiver {
     /// The validation message, naming the key.
     pub fn new(config: KafkaConfig) -> Result<Self, String> {
         config.validate()?;
+        if config.mode == KafkaMode::Direct {
+            return Err(
+                "mode = \"direct\" is served by KafkaDirectSource, not KafkaReceiver".into(),
+            );
+        }
         Ok(KafkaReceiver {
             config,
             stats: Arc::default(),
@@ -483,25 +543,8 @@ impl Receiver for KafkaReceiver {
                                     t
                                 }
                             };
-                            let mut r =
-                                Record::new(m.payload().map(<[u8]>::to_vec).unwrap_or_default());
-                            if let Some(k) = m.key() {
-                                r = r.with_key(k.to_vec());
-                            }
-                            if let Some(h) = m.headers() {
-                                for h in h.iter() {
-                                    r = r.with_header(
-                                        h.key,
-                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                    );
-                                }
-                            }
+                            let r = to_record(&m, topic.clone());
                             stats.bytes.fetch_add(r.payload.len() as u64, Relaxed);
-                            r.position = Some(Position::offset(
-                                topic.clone(),
-                                m.partition(),
-                                m.offset().max(0) as u64,
-                            ));
                             let e = offsets.entry((topic, m.partition())).or_insert(m.offset());
                             *e = (*e).max(m.offset());
                             records.push(r);
@@ -575,6 +618,25 @@ impl Receiver for KafkaReceiver {
         let _ = acker.await;
         r?
     }
+}
+
+/// A polled message as a record: payload, key, headers, and its topic/partition/offset.
+pub(crate) fn to_record(m: &rdkafka::message::BorrowedMessage<'_>, topic: Arc<str>) -> Record {
+    let mut r = Record::new(m.payload().map(<[u8]>::to_vec).unwrap_or_default());
+    if let Some(k) = m.key() {
+        r = r.with_key(k.to_vec());
+    }
+    if let Some(h) = m.headers() {
+        for h in h.iter() {
+            r = r.with_header(h.key, h.value.map(<[u8]>::to_vec).unwrap_or_default());
+        }
+    }
+    r.position = Some(Position::offset(
+        topic,
+        m.partition(),
+        m.offset().max(0) as u64,
+    ));
+    r
 }
 
 fn update_lag(c: &BaseConsumer<Ctx>, stats: &KafkaStats) {
