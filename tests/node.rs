@@ -345,6 +345,17 @@ fn a_second_signal_during_the_drain_exits_at_once_with_130() {
 
 #[test]
 fn the_node_consumes_a_kafka_topic_from_a_mock_cluster_in_another_process() {
+    kafka_node_consumes_200_events("group");
+}
+
+#[test]
+fn a_direct_mode_node_reads_kafka_ranges_and_commits_them_back() {
+    kafka_node_consumes_200_events("direct");
+}
+
+/// A node with a Kafka receiver in `mode` consumes 200 events from a mock cluster in this
+/// process: each once in the batch files, with its position; the group's offsets end at 200.
+fn kafka_node_consumes_200_events(mode: &str) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     cluster.create_topic("events", 2, 1).unwrap();
@@ -367,7 +378,7 @@ fn the_node_consumes_a_kafka_topic_from_a_mock_cluster_in_another_process() {
         &config,
         format!(
             "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
-             [[receiver]]\nname = \"events\"\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g\"\ntopics = [\"events\"]\n\
+             [[receiver]]\nname = \"events\"\ntype = \"kafka\"\nmode = \"{mode}\"\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g\"\ntopics = [\"events\"]\n\
              [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"jsonl\"\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
             dir.path().join("data").display().to_string(),
             out_dir.display().to_string()
@@ -407,6 +418,13 @@ fn the_node_consumes_a_kafka_topic_from_a_mock_cluster_in_another_process() {
     offsets.sort_unstable();
     offsets.dedup();
     assert_eq!(offsets.len(), 200, "a Kafka record stored twice");
+    if mode == "direct" {
+        let (_, metrics) = http_get(mport, "/metrics").expect("metrics");
+        assert!(
+            metrics.contains("weir_direct_records_read_total 200"),
+            "{metrics}"
+        );
+    }
     sigterm(&node.0);
     let mut node = node;
     wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
