@@ -193,6 +193,10 @@ fn the_node_ingests_lines_writes_batches_serves_metrics_and_drains_on_sigterm() 
         metrics.contains("weir_receiver_records_stored_total{receiver=\"lines\"} 100"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("weir_socket_connections_accepted_total{receiver=\"lines\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(http_get(mport, "/nope").unwrap().0, 404);
     sigterm(&node.0);
     let mut node = node;
@@ -418,13 +422,23 @@ fn kafka_node_consumes_200_events(mode: &str) {
     offsets.sort_unstable();
     offsets.dedup();
     assert_eq!(offsets.len(), 200, "a Kafka record stored twice");
+    // The group receiver measures lag every 5 s.
+    let lag = "weir_kafka_lag{receiver=\"events\",topic=\"events\",partition=\"0\"}";
+    wait_until("lag 0 in /metrics", Duration::from_secs(15), || {
+        http_get(mport, "/metrics").is_some_and(|(_, m)| m.contains(&format!("{lag} 0")))
+    });
+    let (_, metrics) = http_get(mport, "/metrics").expect("metrics");
     if mode == "direct" {
-        let (_, metrics) = http_get(mport, "/metrics").expect("metrics");
         assert!(
             metrics.contains("weir_direct_records_read_total 200"),
             "{metrics}"
         );
     }
+    // The receiver's own counters: records consumed, and lag per partition.
+    assert!(
+        metrics.contains("weir_kafka_records_total{receiver=\"events\"} 200"),
+        "{metrics}"
+    );
     sigterm(&node.0);
     let mut node = node;
     wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");

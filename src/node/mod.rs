@@ -4,6 +4,7 @@
 pub mod config;
 pub mod http;
 pub mod output;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,16 +53,19 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
             ReceiverKind::Socket(c) => {
                 let receiver = weir_socket::SocketReceiver::new(c.clone())
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_metrics(stats::socket(&r.name, receiver.stats()));
                 ctx.add_receiver(r.name.as_str(), receiver);
             }
             ReceiverKind::Kafka(c) if c.mode == weir_kafka::KafkaMode::Direct => {
                 let source = weir_kafka::KafkaDirectSource::new(c.clone())
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_metrics(stats::kafka_direct(&r.name, source.stats()));
                 ctx.add_direct_source(r.name.as_str(), source);
             }
             ReceiverKind::Kafka(c) => {
                 let receiver = weir_kafka::KafkaReceiver::new(c.clone())
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_metrics(stats::kafka(&r.name, receiver.stats()));
                 ctx.add_receiver(r.name.as_str(), receiver);
             }
         }

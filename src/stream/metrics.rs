@@ -32,6 +32,19 @@ pub struct Sample {
     pub value: f64,
 }
 
+/// Extra samples from outside the engine (a receiver's own counters, say), taken at every read
+/// of the registry.
+pub type Collector = Arc<dyn Fn(&mut Vec<Sample>) + Send + Sync>;
+
+#[derive(Default)]
+struct Collectors(Mutex<Vec<Collector>>);
+
+impl std::fmt::Debug for Collectors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} collectors", self.0.lock().map_or(0, |c| c.len()))
+    }
+}
+
 /// Per-receiver counters.
 #[derive(Debug, Default)]
 pub struct ReceiverMetrics {
@@ -75,6 +88,7 @@ pub struct Metrics {
     pub(crate) direct_plan_failures: AtomicU64,
     pub(crate) direct_read_failures: AtomicU64,
     receivers: Mutex<BTreeMap<String, Arc<ReceiverMetrics>>>,
+    collectors: Collectors,
 }
 
 macro_rules! getters {
@@ -152,6 +166,15 @@ impl Metrics {
         direct_read_failures,
     }
 
+    /// Adds samples from outside the engine to every reading of a [`MetricsRegistry`].
+    pub fn add_collector(&self, collector: Collector) {
+        self.collectors
+            .0
+            .lock()
+            .expect("metrics lock")
+            .push(collector);
+    }
+
     /// The metrics of receiver `name` (created on first use).
     pub fn receiver(&self, name: &str) -> Arc<ReceiverMetrics> {
         self.receivers
@@ -189,6 +212,11 @@ impl MetricsRegistry {
     /// The WAL's metrics.
     pub fn wal(&self) -> &Arc<WalMetrics> {
         &self.wal
+    }
+
+    /// Adds samples from outside the engine to every reading (e.g. a Kafka receiver's lag).
+    pub fn add_collector(&self, collector: Collector) {
+        self.engine.add_collector(collector);
     }
 
     /// Reads everything.
@@ -493,6 +521,16 @@ impl MetricsRegistry {
             ),
         ] {
             push(name, help, kind, Vec::new(), v);
+        }
+        let collectors = self
+            .engine
+            .collectors
+            .0
+            .lock()
+            .expect("metrics lock")
+            .clone();
+        for c in collectors {
+            c(&mut out);
         }
         out
     }

@@ -34,7 +34,7 @@ use crate::rate::{PidRateEstimator, RateLimiter};
 use crate::tracker::{BlockRef, Commit, DirectRange, Tracker, TrackerError};
 use crate::wal::{lock, CleanupThreshold, Storage, Wal, WalError, WalPosition};
 pub use config::{ClockMode, StreamingConfig};
-pub use metrics::{Metrics, MetricsRegistry, ReceiverMetrics};
+pub use metrics::{Collector, Metrics, MetricsRegistry, ReceiverMetrics};
 
 /// What a job returns on failure.
 pub type JobError = Box<dyn std::error::Error + Send + Sync>;
@@ -121,6 +121,7 @@ pub struct StreamingContext {
     receivers: Vec<(Arc<str>, DynReceiver)>,
     direct: Vec<(Arc<str>, Arc<dyn DirectSource>)>,
     jobs: Vec<Job>,
+    collectors: Vec<Collector>,
 }
 
 impl std::fmt::Debug for StreamingContext {
@@ -142,6 +143,7 @@ impl StreamingContext {
             receivers: Vec::new(),
             direct: Vec::new(),
             jobs: Vec::new(),
+            collectors: Vec::new(),
         }
     }
 
@@ -161,6 +163,7 @@ impl StreamingContext {
             receivers: Vec::new(),
             direct: Vec::new(),
             jobs: Vec::new(),
+            collectors: Vec::new(),
         }
     }
 
@@ -188,6 +191,13 @@ impl StreamingContext {
         source: S,
     ) -> &mut Self {
         self.direct.push((name.into(), Arc::new(source)));
+        self
+    }
+
+    /// Adds samples to the engine's metrics (e.g. a receiver's own counters: Kafka lag, socket
+    /// connections), taken at every read of [`RunningContext::metrics`].
+    pub fn add_metrics(&mut self, collector: Collector) -> &mut Self {
+        self.collectors.push(collector);
         self
     }
 
@@ -233,6 +243,7 @@ impl StreamingContext {
             receivers,
             direct,
             jobs,
+            collectors,
         } = self;
         config.validate().map_err(EngineError::Config)?;
         let mut names = std::collections::HashSet::new();
@@ -248,6 +259,9 @@ impl StreamingContext {
             }
         }
         let metrics = Arc::new(Metrics::default());
+        for c in collectors {
+            metrics.add_collector(c);
+        }
         let cache = Arc::new(BlockCache::new(config.block_cache_bytes, metrics.clone()));
         let rec = {
             let (config, cache, metrics) = (config.clone(), cache.clone(), metrics.clone());

@@ -1,0 +1,207 @@
+//! Receivers' own counters as metrics samples (`/metrics`), labelled by receiver name.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::stream::metrics::{MetricKind, Sample};
+use crate::stream::Collector;
+
+fn sample(
+    name: &'static str,
+    help: &'static str,
+    kind: MetricKind,
+    labels: Vec<(&'static str, String)>,
+    value: u64,
+) -> Sample {
+    Sample {
+        name,
+        help,
+        kind,
+        labels,
+        value: value as f64,
+    }
+}
+
+/// The counters of a socket receiver.
+pub fn socket(receiver: &str, stats: Arc<weir_socket::SocketStats>) -> Collector {
+    use MetricKind::{Counter as C, Gauge as G};
+    let receiver = receiver.to_string();
+    Arc::new(move |out: &mut Vec<Sample>| {
+        let s = stats.snapshot();
+        for (name, help, kind, v) in [
+            (
+                "weir_socket_connections_accepted_total",
+                "Connections served (accepted, or established in connect mode).",
+                C,
+                s.connections_accepted,
+            ),
+            (
+                "weir_socket_connections_active",
+                "Connections open now.",
+                G,
+                s.connections_active,
+            ),
+            (
+                "weir_socket_connections_rejected_total",
+                "Connections closed at once because max_connections were open.",
+                C,
+                s.connections_rejected,
+            ),
+            (
+                "weir_socket_connect_failures_total",
+                "Failed connection attempts (connect mode).",
+                C,
+                s.connect_failures,
+            ),
+            (
+                "weir_socket_records_durable_total",
+                "Records whose store() resolved durable.",
+                C,
+                s.records_durable,
+            ),
+            (
+                "weir_socket_oversize_errors_total",
+                "Connections closed for a record larger than max_record_bytes.",
+                C,
+                s.oversize_errors,
+            ),
+            (
+                "weir_socket_idle_closed_total",
+                "Connections closed by idle_timeout_ms.",
+                C,
+                s.idle_closed,
+            ),
+            (
+                "weir_socket_store_failures_total",
+                "store() calls that failed (each closed its connection).",
+                C,
+                s.store_failures,
+            ),
+        ] {
+            out.push(sample(
+                name,
+                help,
+                kind,
+                vec![("receiver", receiver.clone())],
+                v,
+            ));
+        }
+    })
+}
+
+fn lag_samples(
+    out: &mut Vec<Sample>,
+    receiver: &str,
+    lag: &std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
+) {
+    let lag = lag
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for ((topic, partition), l) in lag.iter() {
+        out.push(sample(
+            "weir_kafka_lag",
+            "Per partition: high watermark minus the next offset to take, as last seen.",
+            MetricKind::Gauge,
+            vec![
+                ("receiver", receiver.to_string()),
+                ("topic", topic.clone()),
+                ("partition", partition.to_string()),
+            ],
+            (*l).max(0) as u64,
+        ));
+    }
+}
+
+fn counters(
+    out: &mut Vec<Sample>,
+    receiver: &str,
+    list: &[(&'static str, &'static str, &AtomicU64)],
+) {
+    for (name, help, v) in list {
+        out.push(sample(
+            name,
+            help,
+            MetricKind::Counter,
+            vec![("receiver", receiver.to_string())],
+            v.load(Relaxed),
+        ));
+    }
+}
+
+/// The counters of a Kafka consumer-group receiver.
+pub fn kafka(receiver: &str, stats: Arc<weir_kafka::KafkaStats>) -> Collector {
+    let receiver = receiver.to_string();
+    Arc::new(move |out: &mut Vec<Sample>| {
+        counters(
+            out,
+            &receiver,
+            &[
+                (
+                    "weir_kafka_records_total",
+                    "Records consumed from Kafka.",
+                    &stats.records,
+                ),
+                (
+                    "weir_kafka_bytes_total",
+                    "Payload bytes consumed from Kafka.",
+                    &stats.bytes,
+                ),
+                (
+                    "weir_kafka_commits_total",
+                    "Offset commits that succeeded.",
+                    &stats.commits,
+                ),
+                (
+                    "weir_kafka_commit_failures_total",
+                    "Offset commits that failed (retried with the next one).",
+                    &stats.commit_failures,
+                ),
+                (
+                    "weir_kafka_rebalances_total",
+                    "Rebalances (assignments and revocations) seen.",
+                    &stats.rebalances,
+                ),
+            ],
+        );
+        lag_samples(out, &receiver, &stats.lag);
+    })
+}
+
+/// The counters of a Kafka direct source.
+pub fn kafka_direct(receiver: &str, stats: Arc<weir_kafka::DirectStats>) -> Collector {
+    let receiver = receiver.to_string();
+    Arc::new(move |out: &mut Vec<Sample>| {
+        counters(
+            out,
+            &receiver,
+            &[
+                (
+                    "weir_kafka_records_total",
+                    "Records consumed from Kafka.",
+                    &stats.records,
+                ),
+                (
+                    "weir_kafka_bytes_total",
+                    "Payload bytes consumed from Kafka.",
+                    &stats.bytes,
+                ),
+                (
+                    "weir_kafka_commits_total",
+                    "Offset commits that succeeded.",
+                    &stats.commits,
+                ),
+                (
+                    "weir_kafka_commit_failures_total",
+                    "Offset commits that failed (retried with the next one).",
+                    &stats.commit_failures,
+                ),
+                (
+                    "weir_kafka_offsets_skipped_total",
+                    "Direct mode: offsets Kafka deleted before a batch took them.",
+                    &stats.offsets_skipped,
+                ),
+            ],
+        );
+        lag_samples(out, &receiver, &stats.lag);
+    })
+}
