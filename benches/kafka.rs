@@ -27,11 +27,17 @@ use rdkafka::ClientConfig;
 use weir::{StreamingConfig, StreamingContext};
 use weir_kafka::{KafkaConfig, KafkaReceiver};
 
+/// Partitions of the topic. The mock broker keeps at most 5 MiB or 100,000 records per
+/// partition and answers each fetch with one produced batch per partition, so more partitions
+/// (and larger producer batches) give both consumers room to catch up.
+const PARTITIONS: i32 = 16;
+
 fn main() {
     let mut secs = 10.0f64;
     let mut warmup = 5.0f64;
     let mut rate = 150_000.0f64;
     let mut rounds = 3usize;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -54,6 +60,7 @@ fn main() {
                     .and_then(|s| s.parse().ok())
                     .expect("--rounds N")
             }
+            "--only" => only = args.next(),
             "--bench" => {}
             other => {
                 eprintln!("unknown argument {other}; usage: kafka [--secs S] [--warmup S] [--rate R] [--rounds N]");
@@ -63,7 +70,7 @@ fn main() {
     }
     let mut rows = Vec::new();
     for r in 0..rounds {
-        let (p, c, w, f) = round(rate, secs, warmup);
+        let (p, c, w, f) = round(rate, secs, warmup, only.as_deref());
         println!(
             "round {}: produced {p:.0}/s, plain consumer {c:.0}/s, weir into durable batches {w:.0}/s ({f:.0} fsyncs/s), weir/plain {:.2}",
             r + 1,
@@ -79,9 +86,9 @@ fn main() {
 }
 
 /// One round: a fresh mock cluster, producer, plain consumer and weir engine.
-fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
+fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f64, f64) {
     let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("bench", 4, 1).expect("topic");
+    cluster.create_topic("bench", PARTITIONS, 1).expect("topic");
     let bs = cluster.bootstrap_servers();
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -91,7 +98,7 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
         std::thread::spawn(move || {
             let p: BaseProducer = ClientConfig::new()
                 .set("bootstrap.servers", &bs)
-                .set("linger.ms", "5")
+                .set("linger.ms", "100")
                 .set("batch.num.messages", "10000")
                 .set("queue.buffering.max.messages", "200000")
                 .create()
@@ -103,7 +110,10 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
                 // Pace: the mock broker keeps ~5 MiB per partition and is single-threaded.
                 let due = (t0.elapsed().as_secs_f64() * rate) as u64;
                 if i >= due {
-                    p.poll(Duration::from_millis(1));
+                    // Sleep: the producer's own poll with a timeout spins on the clock and
+                    // would take a core from the consumers being measured.
+                    p.poll(Duration::ZERO);
+                    std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
                 match p.send(BaseRecord::<[u8], [u8]>::to("bench").payload(&payload[..])) {
@@ -115,7 +125,8 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
                         }
                     }
                     Err(_) => {
-                        p.poll(Duration::from_millis(1));
+                        p.poll(Duration::ZERO);
+                        std::thread::sleep(Duration::from_millis(1));
                     }
                 }
             }
@@ -124,6 +135,7 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
     };
 
     let plain = Arc::new(AtomicU64::new(0));
+    let (skip_plain, skip_weir) = (only == Some("weir"), only == Some("plain"));
     let plain_thread = {
         let (bs, stop, plain) = (bs.clone(), stop.clone(), plain.clone());
         std::thread::spawn(move || {
@@ -133,6 +145,9 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
                 .set("auto.offset.reset", "earliest")
                 .create()
                 .expect("consumer");
+            if skip_plain {
+                return;
+            }
             c.subscribe(&["bench"]).expect("subscribe");
             while !stop.load(Relaxed) {
                 if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
@@ -157,7 +172,9 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
             .insert("auto.offset.reset".into(), "earliest".into());
         let receiver = KafkaReceiver::new(kc).expect("config");
         let kstats = receiver.stats();
-        ctx.add_receiver("kafka", receiver);
+        if !skip_weir {
+            ctx.add_receiver("kafka", receiver);
+        }
         let rb = read_back.clone();
         ctx.foreach_batch("count", move |b| {
             let n: usize = b.map_partitions(|it| it.count())?.into_iter().sum();
@@ -167,15 +184,25 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
         let running = ctx.start().await.expect("start");
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
         let m = running.metrics();
-        let (p0, c0, w0, f0) = (
+        // Batches complete once a second: weir's window runs from just after one completed
+        // batch to just after another, so it counts whole batches.
+        let after_batch = || async {
+            let n = m.engine().batches_completed();
+            while m.engine().batches_completed() == n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (m.engine().batch_records(), Instant::now())
+        };
+        let (p0, c0, f0) = (
             produced.load(Relaxed),
             plain.load(Relaxed),
-            m.engine().batch_records(),
             m.wal().snapshot().fsyncs,
         );
         let t0 = Instant::now();
+        let (w0, tw0) = after_batch().await;
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let s = t0.elapsed().as_secs_f64();
+        let (w1, tw1) = after_batch().await;
+        let ws = (tw1 - tw0).as_secs_f64();
         eprintln!(
             "  weir receiver polled {} records in total, {} commits, {} rebalances; records durable {}",
             kstats.records.load(Relaxed),
@@ -183,18 +210,23 @@ fn round(rate: f64, secs: f64, warmup: f64) -> (f64, f64, f64, f64) {
             kstats.rebalances.load(Relaxed),
             m.engine().receiver("kafka").records_stored()
         );
-        let (p1, c1, w1, f1) = (
+        let (p1, c1, f1) = (
             produced.load(Relaxed),
             plain.load(Relaxed),
-            m.engine().batch_records(),
             m.wal().snapshot().fsyncs,
+        );
+        let s = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "  behind the producer at the end: plain {} records, weir {} records",
+            p1 as i64 - plain.load(Relaxed) as i64,
+            p1 as i64 - kstats.records.load(Relaxed) as i64
         );
         stop.store(true, Relaxed);
         running.stop().await.expect("stop");
         (
             (p1 - p0) as f64 / s,
             (c1 - c0) as f64 / s,
-            (w1 - w0) as f64 / s,
+            (w1 - w0) as f64 / ws,
             (f1 - f0) as f64 / s,
         )
     });
