@@ -528,3 +528,130 @@ fn two_nodes_in_one_group_lose_nothing_when_one_is_killed() {
     sigterm(&a.0);
     sigterm(&b.0);
 }
+
+#[test]
+fn the_node_produces_its_batches_to_a_kafka_topic_with_keys_and_headers() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("in", 2, 1).unwrap();
+    cluster.create_topic("out", 3, 1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    for i in 0..300 {
+        let (payload, key) = (format!("event {i}"), format!("key {i}"));
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "n",
+            value: Some(&i.to_string()),
+        });
+        p.send(
+            BaseRecord::to("in")
+                .payload(&payload)
+                .key(&key)
+                .headers(headers),
+        )
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+             [[receiver]]\nname = \"in\"\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g\"\ntopics = [\"in\"]\n\
+             [[output]]\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ntopic = \"out\"\ndelivery_timeout_ms = 5000\n\
+             [metrics]\nenabled = false\n",
+            dir.path().join("data").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut node = spawn_node(&config);
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("group.id", "reader")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for part in 0..3 {
+        tpl.add_partition_offset("out", part, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    let text = |b: Option<&[u8]>| String::from_utf8(b.unwrap_or_default().to_vec()).unwrap();
+    let t0 = Instant::now();
+    while seen.len() < 300 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "only {} records in the output topic",
+            seen.len()
+        );
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let n = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "n").map(|h| text(h.value)))
+                .unwrap_or_default();
+            seen.push((text(m.payload()), text(m.key()), n));
+        }
+    }
+    // Anything more (a record produced twice) would show up now.
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_millis(500) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            seen.push((text(m.payload()), text(m.key()), String::new()));
+        }
+    }
+    seen.sort_by_key(|(p, _, _)| p[6..].parse::<u32>().unwrap());
+    let want: Vec<(String, String, String)> = (0..300)
+        .map(|i| (format!("event {i}"), format!("key {i}"), i.to_string()))
+        .collect();
+    assert_eq!(seen, want);
+    sigterm(&node.0);
+    let status = wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_kafka_output_the_client_refuses_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    let write = |props: &str| {
+        std::fs::write(
+            &f,
+            format!(
+                "data_dir = {:?}\n[[receiver]]\nname = \"s\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"127.0.0.1:{}\"\n\
+                 [[output]]\ntype = \"kafka\"\nbootstrap_servers = \"127.0.0.1:1\"\ntopic = \"out\"\n[output.properties]\n{props}\n\
+                 [metrics]\nenabled = false\n",
+                dir.path().join("data").display().to_string(),
+                free_port()
+            ),
+        )
+        .unwrap();
+    };
+    // Refused by librdkafka when the property is set; by weir for a key it owns; and by
+    // librdkafka only when the producer is created (a combination of properties).
+    for (props, says) in [
+        ("\"linger.ms\" = \"soon\"", "linger.ms"),
+        ("\"enable.idempotence\" = \"false\"", "enable.idempotence"),
+        (
+            "\"max.in.flight.requests.per.connection\" = \"10\"",
+            "max.in.flight",
+        ),
+    ] {
+        write(props);
+        for args in [&["check-config"][..], &["run", "--config"][..]] {
+            let out = Command::new(NODE).args(args).arg(&f).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {props}: {err}");
+            assert!(
+                err.contains("configuration error") && err.contains(says),
+                "{args:?} {props}: {err}"
+            );
+        }
+    }
+}

@@ -11,8 +11,16 @@
 //!
 //! Delivery is at-least-once across nodes (a partition moved to another node after a crash
 //! resumes from the committed offset); on one node it is exactly-once into the WAL.
+//!
+//! [`KafkaOutput`] (module [`output`]) is the other direction: it produces batches to a topic
+//! with an idempotent producer and succeeds only when every record is acknowledged.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod output;
+pub use output::{
+    BatchDelivery, KafkaOutput, KafkaOutputConfig, KafkaOutputError, KafkaOutputStats,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
