@@ -17,11 +17,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod output;
-pub use output::{
-    BatchDelivery, KafkaOutput, KafkaOutputConfig, KafkaOutputError, KafkaOutputStats,
-};
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -607,3 +602,9 @@ fn update_lag(c: &BaseConsumer<Ctx>, stats: &KafkaStats) {
     }
     *lock(&stats.lag) = lag;
 }
+
+// The output direction: batches produced to a topic (see the module).
+pub mod output;
+pub use output::{
+    BatchDelivery, KafkaOutput, KafkaOutputConfig, KafkaOutputError, KafkaOutputStats,
+};
