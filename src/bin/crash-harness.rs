@@ -1,15 +1,27 @@
 //! `crash-harness`: proves zero data loss by killing the real `receiver-node`.
 //!
-//! It writes a configuration of its own (a socket receiver in `frames` mode on a free loopback
-//! port, a `dir` output in `lines` format, fsync `always`), starts `receiver-node`, and runs a
-//! producer that sends numbered records and records every acknowledgement (the cumulative
-//! durable count the node writes back). At random moments (seeded, reproducible) it SIGKILLs the
-//! node and starts it again, K times; the producer reconnects and resends what was not
-//! acknowledged. Then it lets the node drain, stops it with SIGTERM (which must exit 0), and
-//! reads every batch file:
+//! It writes a configuration of its own (fsync `always`, a `dir` output in `lines` format),
+//! starts `receiver-node`, and feeds it numbered records from one of two sources:
+//!
+//! - `--source socket` (default): a socket receiver in `frames` mode on a free loopback port;
+//!   producers send records and record every acknowledgement (the cumulative durable count the
+//!   node writes back), reconnect after a kill and resend what was not acknowledged.
+//! - `--source kafka`: librdkafka's mock cluster, started in this process, with a topic of
+//!   `--partitions` partitions; an idempotent producer sends records at `--rate` per second and
+//!   counts every record whose delivery report succeeded ("acknowledged" below means delivered
+//!   to Kafka); the node consumes with the Kafka receiver (consumer-group mode). The producer
+//!   pauses while the group's committed offsets trail what was delivered by more than
+//!   `--max-backlog` records on a partition, so the mock's retention (about 5 MiB or 100,000
+//!   records per partition) never drops a record the node has not stored.
+//!
+//! At random moments (seeded, reproducible) it SIGKILLs the node and starts it again, K times.
+//! Then it lets the node drain (socket: every record sent is acknowledged; Kafka: the group has
+//! committed every delivered offset), stops it with SIGTERM (which must exit 0), and reads every
+//! batch file:
 //!
 //! - missing: acknowledged records absent from the output (must be 0),
-//! - duplicates: records present more than once (at-least-once: resent after a kill),
+//! - duplicates: records present more than once (socket: resent after a kill; Kafka: stored
+//!   twice — 0 expected on one node, which resumes after the highest offset in its WAL),
 //! - corrupt: output lines that are not records the producer sent,
 //! - unacked but present: sent, never acknowledged (the node died first), yet stored,
 //! - kills, and the recovery time of each restart (start to `/health` answering 200).
@@ -20,6 +32,7 @@
 //! ```text
 //! cargo build --release --bins
 //! target/release/crash-harness --kills 300 --seed 7          # a long run
+//! target/release/crash-harness --source kafka --kills 20     # the Kafka receiver
 //! ```
 
 use std::collections::HashMap;
@@ -31,7 +44,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, DeliveryResult, Producer, ProducerContext,
+};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+
+/// Where the records come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Source {
+    /// Producers connected to a `frames` socket receiver, acknowledged by the node.
+    Socket,
+    /// A topic of an in-process Kafka mock cluster, consumed by the Kafka receiver.
+    Kafka,
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,9 +86,23 @@ struct Opts {
     /// The receiver-node binary; default: the one next to this binary.
     #[arg(long)]
     node: Option<PathBuf>,
-    /// Producer connections sending at once.
+    /// Producer connections sending at once (socket source).
     #[arg(long, default_value_t = 2)]
     producers: u32,
+    /// Where the records come from.
+    #[arg(long, value_enum, default_value_t = Source::Socket)]
+    source: Source,
+    /// Partitions of the topic (Kafka source).
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Records produced per second (Kafka source).
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// Pause producing while the group's committed offset trails the delivered ones by more
+    /// than this many records on some partition (Kafka source; keep it well under the mock
+    /// cluster's retention of ~5 MiB or 100,000 records per partition).
+    #[arg(long, default_value_t = 20_000)]
+    max_backlog: i64,
 }
 
 /// splitmix64: small, seeded, reproducible.
@@ -253,9 +295,212 @@ fn main() -> ExitCode {
     }
 }
 
+/// The Kafka topic the harness produces to and the node consumes.
+const TOPIC: &str = "events";
+/// The node's consumer group.
+const GROUP: &str = "crash-harness";
+
+/// Counts delivery reports: a record is acknowledged once Kafka has it.
+struct Counting {
+    ledger: Arc<Mutex<Ledger>>,
+    /// Per partition: one past the highest delivered offset.
+    ends: Arc<Mutex<HashMap<i32, i64>>>,
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = Box<u64>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, id: Box<u64>) {
+        match result {
+            Ok(m) => {
+                {
+                    let mut l = lock(&self.ledger);
+                    let i = *id as usize;
+                    if l.acked.len() <= i {
+                        l.acked.resize(i + 1, false);
+                    }
+                    l.acked[i] = true;
+                }
+                let mut ends = lock(&self.ends);
+                let e = ends.entry(m.partition()).or_insert(0);
+                *e = (*e).max(m.offset() + 1);
+            }
+            Err(_) => {
+                self.failed.fetch_add(1, SeqCst);
+            }
+        }
+    }
+}
+
+/// The group's committed offset per partition (partitions without one are absent).
+fn committed(c: &BaseConsumer, partitions: i32) -> Option<HashMap<i32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(TOPIC, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(2)).ok()?;
+    Some(
+        got.elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+fn committed_sum(c: &BaseConsumer, partitions: i32) -> i64 {
+    committed(c, partitions).map_or(0, |c| c.values().sum())
+}
+
+/// Waits until the group's committed offsets pass `baseline`: the node started at `since`
+/// has partitions and stores records again. Returns the time since `since`.
+fn wait_consuming(
+    reader: &BaseConsumer,
+    partitions: i32,
+    baseline: i64,
+    since: Instant,
+    child: &mut Child,
+) -> Result<Duration, String> {
+    loop {
+        if committed_sum(reader, partitions) > baseline {
+            return Ok(since.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("receiver-node exited: {status} (see its log)"));
+        }
+        if since.elapsed() > Duration::from_secs(60) {
+            return Err(
+                "receiver-node did not consume (no new offset commit) within 60 s of its start; see its log".into(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn group_reader(bootstrap: &str) -> Result<BaseConsumer, String> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", GROUP)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("creating the offset reader: {e}"))
+}
+
+/// What the Kafka producer shares with the main thread.
+#[derive(Clone)]
+struct KafkaFeed {
+    bootstrap: String,
+    partitions: i32,
+    rate: u64,
+    max_backlog: i64,
+    ends: Arc<Mutex<HashMap<i32, i64>>>,
+    failed: Arc<AtomicU64>,
+    paused_ms: Arc<AtomicU64>,
+}
+
+/// Produces numbered records at `rate`/s until `done_sending`, pausing while the node's group
+/// trails by more than `max_backlog` records on a partition; then waits for every report.
+fn kafka_producer(
+    feed: KafkaFeed,
+    ledger: Arc<Mutex<Ledger>>,
+    next_id: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    done_sending: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let producer: BaseProducer<Counting> = ClientConfig::new()
+        .set("bootstrap.servers", &feed.bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create_with_context(Counting {
+            ledger: ledger.clone(),
+            ends: feed.ends.clone(),
+            failed: feed.failed.clone(),
+        })
+        .map_err(|e| format!("creating the producer: {e}"))?;
+    let reader = group_reader(&feed.bootstrap)?;
+    let started = Instant::now();
+    let mut produced = 0u64;
+    let mut paused = Duration::ZERO;
+    let mut last_check = Instant::now() - Duration::from_secs(1);
+    let mut behind = false;
+    while !stop.load(SeqCst) && !done_sending.load(SeqCst) {
+        if last_check.elapsed() >= Duration::from_millis(200) {
+            last_check = Instant::now();
+            let ends = lock(&feed.ends).clone();
+            behind = match committed(&reader, feed.partitions) {
+                Some(c) => ends
+                    .iter()
+                    .any(|(p, end)| end - c.get(p).copied().unwrap_or(0) > feed.max_backlog),
+                None => behind,
+            };
+        }
+        if behind {
+            let t = Instant::now();
+            producer.poll(Duration::from_millis(20));
+            paused += t.elapsed();
+            feed.paused_ms.store(paused.as_millis() as u64, SeqCst);
+            continue;
+        }
+        // Paced: as many records as the rate allows by now (time spent paused not counted).
+        let due = ((started.elapsed() - paused).as_secs_f64() * feed.rate as f64) as u64;
+        while produced < due && !stop.load(SeqCst) {
+            let id = next_id.fetch_add(1, SeqCst);
+            lock(&ledger).sent = id + 1;
+            let payload = record(id);
+            let mut r = BaseRecord::<(), str, Box<u64>>::with_opaque_to(TOPIC, Box::new(id))
+                .payload(payload.as_str());
+            loop {
+                match producer.send(r) {
+                    Ok(()) => break,
+                    Err((e, back)) => {
+                        if !matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ) {
+                            return Err(format!("producing record {id}: {e}"));
+                        }
+                        r = back;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+            produced += 1;
+        }
+        producer.poll(Duration::from_millis(5));
+    }
+    // Every report, so that "acknowledged" is final.
+    producer
+        .flush(Duration::from_secs(60))
+        .map_err(|e| format!("flushing the producer: {e}"))
+}
+
+/// The mock cluster: the harness's own, in this process (it needs librdkafka for the producer
+/// anyway), so it lives exactly as long as the run.
+fn start_cluster(partitions: i32) -> Result<MockCluster<'static, DefaultProducerContext>, String> {
+    if partitions < 1 {
+        return Err("--partitions must be at least 1".into());
+    }
+    let cluster =
+        MockCluster::new(1).map_err(|e| format!("starting the Kafka mock cluster: {e}"))?;
+    cluster
+        .create_topic(TOPIC, partitions, 1)
+        .map_err(|e| format!("creating topic {TOPIC}: {e}"))?;
+    Ok(cluster)
+}
+
 fn run(o: &Opts) -> Result<bool, String> {
     if o.min_ms > o.max_ms {
         return Err("--min-ms must not exceed --max-ms".into());
+    }
+    if o.source == Source::Kafka && (o.rate == 0 || o.max_backlog < 1) {
+        return Err("--rate and --max-backlog must be at least 1".into());
     }
     let node = match &o.node {
         Some(p) => p.clone(),
@@ -285,11 +530,28 @@ fn run(o: &Opts) -> Result<bool, String> {
     let out_dir = dir.join("out");
     let config = dir.join("node.toml");
     let log = dir.join("node.log");
+    let cluster = match o.source {
+        Source::Kafka => Some(start_cluster(o.partitions)?),
+        Source::Socket => None,
+    };
+    let receiver = match &cluster {
+        None => format!(
+            "[[receiver]]\nname = \"frames\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"{addr}\"\nprotocol = \"frames\"\n"
+        ),
+        // Short session timeouts: a killed node's membership ends soon, so its restart gets
+        // the partitions back within seconds.
+        Some(c) => format!(
+            "[[receiver]]\nname = \"events\"\ntype = \"kafka\"\nbootstrap_servers = \"{}\"\ngroup_id = \"{GROUP}\"\n\
+             topics = [\"{TOPIC}\"]\ncommit_interval_ms = 100\n\
+             [receiver.properties]\n\"session.timeout.ms\" = \"4000\"\n\"heartbeat.interval.ms\" = \"300\"\n",
+            c.bootstrap_servers()
+        ),
+    };
     std::fs::write(
         &config,
         format!(
             "data_dir = {data:?}\n\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\n\
-             [[receiver]]\nname = \"frames\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"{addr}\"\nprotocol = \"frames\"\n\n\
+             {receiver}\n\
              [[output]]\ntype = \"dir\"\npath = {out:?}\nformat = \"lines\"\n\n[metrics]\naddress = \"{maddr}\"\n",
             data = dir.join("data").display().to_string(),
             out = out_dir.display().to_string(),
@@ -297,7 +559,11 @@ fn run(o: &Opts) -> Result<bool, String> {
     )
     .map_err(|e| e.to_string())?;
     println!(
-        "crash-harness: seed {}, {} kills, work dir {}, node log {}",
+        "crash-harness: source {}, seed {}, {} kills, work dir {}, node log {}",
+        match o.source {
+            Source::Socket => "socket",
+            Source::Kafka => "kafka",
+        },
         o.seed,
         o.kills,
         dir.display(),
@@ -313,23 +579,69 @@ fn run(o: &Opts) -> Result<bool, String> {
     let next_id = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let done_sending = Arc::new(AtomicBool::new(false));
-    let producers: Vec<_> = (0..o.producers)
-        .map(|_| {
-            let (l, n, s, d) = (
+    let feed = cluster.as_ref().map(|c| KafkaFeed {
+        bootstrap: c.bootstrap_servers(),
+        partitions: o.partitions,
+        rate: o.rate,
+        max_backlog: o.max_backlog,
+        ends: Arc::default(),
+        failed: Arc::default(),
+        paused_ms: Arc::default(),
+    });
+    let producers: Vec<std::thread::JoinHandle<Result<(), String>>> = match &feed {
+        None => (0..o.producers)
+            .map(|_| {
+                let (l, n, s, d) = (
+                    ledger.clone(),
+                    next_id.clone(),
+                    stop.clone(),
+                    done_sending.clone(),
+                );
+                std::thread::spawn(move || {
+                    producer(addr, l, n, s, d);
+                    Ok(())
+                })
+            })
+            .collect(),
+        Some(feed) => {
+            let (f, l, n, s, d) = (
+                feed.clone(),
                 ledger.clone(),
                 next_id.clone(),
                 stop.clone(),
                 done_sending.clone(),
             );
-            std::thread::spawn(move || producer(addr, l, n, s, d))
-        })
-        .collect();
+            vec![std::thread::spawn(move || kafka_producer(f, l, n, s, d))]
+        }
+    };
 
+    // Kafka: a node is killed only once it consumes again (its group has committed something
+    // new since it started), or most kills would land in the group's rebalance wait.
+    let reader = match &feed {
+        Some(f) => Some(group_reader(&f.bootstrap)?),
+        None => None,
+    };
+    let mut resumes = Vec::new();
+    let mut baseline = 0;
+    let mut started_at = Instant::now();
     for k in 0..o.kills {
+        if let (Some(reader), Some(feed)) = (&reader, &feed) {
+            resumes.push(wait_consuming(
+                reader,
+                feed.partitions,
+                baseline,
+                started_at,
+                &mut child,
+            )?);
+        }
         std::thread::sleep(Duration::from_millis(rng.range(o.min_ms, o.max_ms)));
         child.kill().map_err(|e| format!("SIGKILL: {e}"))?;
         let _ = child.wait();
         let acked = lock(&ledger).acked.iter().filter(|a| **a).count();
+        if let (Some(reader), Some(feed)) = (&reader, &feed) {
+            baseline = committed_sum(reader, feed.partitions);
+        }
+        started_at = Instant::now();
         child = start_node(&node, &config, &log).map_err(|e| e.to_string())?;
         let r = wait_healthy(&mut child, maddr)?;
         println!(
@@ -339,11 +651,21 @@ fn run(o: &Opts) -> Result<bool, String> {
         );
         recoveries.push(r);
     }
+    if let (Some(reader), Some(feed)) = (&reader, &feed) {
+        resumes.push(wait_consuming(
+            reader,
+            feed.partitions,
+            baseline,
+            started_at,
+            &mut child,
+        )?);
+    }
     // Drain: stop sending new records, wait for every sent record to be acknowledged.
     done_sending.store(true, SeqCst);
     let t0 = Instant::now();
+    let mut producer_error = None;
     for p in producers {
-        let left = Duration::from_secs(60).saturating_sub(t0.elapsed());
+        let left = Duration::from_secs(90).saturating_sub(t0.elapsed());
         let deadline = Instant::now() + left;
         while !p.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -351,9 +673,34 @@ fn run(o: &Opts) -> Result<bool, String> {
         if !p.is_finished() {
             stop.store(true, SeqCst);
         }
-        let _ = p.join();
+        if let Ok(Err(e)) = p.join() {
+            producer_error.get_or_insert(e);
+        }
     }
     stop.store(true, SeqCst);
+    if let Some(e) = producer_error {
+        let _ = child.kill();
+        return Err(e);
+    }
+    // Kafka: wait until the node's group has committed every delivered offset (the node
+    // commits only what is durable in its WAL).
+    let mut committed_total = None;
+    if let Some(feed) = &feed {
+        let reader = group_reader(&feed.bootstrap)?;
+        let ends = lock(&feed.ends).clone();
+        let t0 = Instant::now();
+        loop {
+            let c = committed(&reader, feed.partitions).unwrap_or_default();
+            let caught_up = ends
+                .iter()
+                .all(|(p, end)| c.get(p).is_some_and(|o| o >= end));
+            if caught_up || t0.elapsed() > Duration::from_secs(90) {
+                committed_total = Some(c.values().sum::<i64>());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     // Graceful stop: SIGTERM, exit 0 within the drain time.
     let pid = child.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -413,13 +760,33 @@ fn run(o: &Opts) -> Result<bool, String> {
     rec.sort_unstable();
     println!("crash-harness report (seed {}):", o.seed);
     println!("  kills: {}", o.kills);
-    println!("  records sent: {}, acknowledged: {}", l.sent, acked.len());
+    match &feed {
+        None => println!("  records sent: {}, acknowledged: {}", l.sent, acked.len()),
+        Some(feed) => {
+            println!(
+                "  records produced: {}, acknowledged (delivered to Kafka): {}, delivery failures: {}",
+                l.sent,
+                acked.len(),
+                feed.failed.load(SeqCst)
+            );
+            println!(
+                "  offsets committed by the node: {} of {} delivered ({} partitions); producer paused for backlog: {} ms",
+                committed_total.unwrap_or(0),
+                lock(&feed.ends).values().sum::<i64>(),
+                feed.partitions,
+                feed.paused_ms.load(SeqCst)
+            );
+        }
+    }
     println!(
         "  batch files: {files}, distinct records in output: {}",
         seen.len()
     );
     println!("  MISSING (acknowledged, not in output): {}", missing.len());
-    println!("  duplicates (resent after a kill): {duplicates}");
+    match o.source {
+        Source::Socket => println!("  duplicates (resent after a kill): {duplicates}"),
+        Source::Kafka => println!("  duplicates (stored twice): {duplicates}"),
+    }
     println!("  corrupt lines: {}", corrupt + never_sent as u64);
     println!("  unacknowledged but present: {unacked_present}");
     println!(
@@ -428,6 +795,16 @@ fn run(o: &Opts) -> Result<bool, String> {
         rec.get(rec.len() / 2).copied().unwrap_or(0),
         rec.last().copied().unwrap_or(0)
     );
+    if !resumes.is_empty() {
+        let mut r: Vec<u128> = resumes.iter().map(Duration::as_millis).collect();
+        r.sort_unstable();
+        println!(
+            "  consuming again ms (start to a new offset commit, group rebalance included): min {} / median {} / max {}",
+            r[0],
+            r[r.len() / 2],
+            r[r.len() - 1]
+        );
+    }
     let graceful = matches!(status, Some(s) if s.success());
     println!(
         "  graceful stop: {}",

@@ -161,6 +161,18 @@ fn load_config(file: Option<&std::path::Path>) -> Result<NodeConfig, ExitCode> {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match load_config(Some(file)) {
         Ok(c) => {
+            // Build each output as `run` would (a Kafka output's producer: librdkafka checks
+            // combinations of properties only then), without connecting to anything.
+            for (i, o) in c.outputs.iter().enumerate() {
+                if let Err(e) = node::output::Output::new(o) {
+                    eprintln!(
+                        "receiver-node: configuration error: {}: [[output]] #{}: {e}",
+                        file.display(),
+                        i + 1
+                    );
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
             println!("# {}: valid. Effective configuration:", file.display());
             print!("{}", c.to_toml());
             ExitCode::from(EXIT_OK)
@@ -192,6 +204,11 @@ fn run_node(file: Option<&std::path::Path>) -> ExitCode {
     };
     match rt.block_on(node::run(config)) {
         Ok(()) => ExitCode::from(EXIT_OK),
+        Err(node::NodeError::Config(e)) => {
+            tracing::error!(error = %e, "configuration error");
+            eprintln!("receiver-node: configuration error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
         Err(e) => {
             tracing::error!(error = %e, "receiver-node stopped with an error");
             eprintln!("receiver-node: error: {e}");

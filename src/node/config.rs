@@ -135,6 +135,11 @@ pub enum OutputConfig {
         #[serde(default)]
         format: OutputFormat,
     },
+    /// Every record (payload, key, headers) produced to a Kafka topic by an idempotent
+    /// producer (`acks=all`); the batch succeeds only when every record is acknowledged. A
+    /// re-run batch is produced again: at-least-once per batch. See weir-kafka's
+    /// `KafkaOutputConfig` for the keys.
+    Kafka(weir_kafka::KafkaOutputConfig),
 }
 
 /// `[metrics]`.
@@ -336,15 +341,19 @@ impl NodeConfig {
         }
         if self.outputs.is_empty() {
             return Err(
-                "no [[output]]: add one (type = \"dir\" or \"stdout\"), or batches go nowhere"
+                "no [[output]]: add one (type = \"dir\", \"kafka\" or \"stdout\"), or batches go nowhere"
                     .into(),
             );
         }
-        for o in &self.outputs {
-            if let OutputConfig::Dir { path, .. } = o {
-                if path.as_os_str().is_empty() {
+        for (i, o) in self.outputs.iter().enumerate() {
+            match o {
+                OutputConfig::Dir { path, .. } if path.as_os_str().is_empty() => {
                     return Err("[[output]] type = \"dir\": `path` must not be empty".into());
                 }
+                OutputConfig::Kafka(c) => c
+                    .validate()
+                    .map_err(|e| format!("[[output]] #{} type = \"kafka\": {e}", i + 1))?,
+                _ => {}
             }
         }
         if self.log.level.trim().is_empty() {
@@ -431,5 +440,38 @@ mod tests {
             crate::wal::FsyncPolicy::Interval { ms: 50 }
         );
         assert!(c.to_toml().contains("fsync = \"interval(50)\""));
+    }
+
+    #[test]
+    fn a_kafka_output_parses_validates_and_prints_back() {
+        let t = EMBEDDED_DEFAULT.replace(
+            "[[output]]\ntype = \"dir\"\npath = \"weir-data/node/out\"\nformat = \"lines\"\n",
+            "[[output]]\ntype = \"kafka\"\nbootstrap_servers = \"k:9092\"\ntopic = \"out\"\n\
+             [output.properties]\n\"linger.ms\" = \"20\"\n",
+        );
+        let c = NodeConfig::parse(&t, "f").unwrap();
+        let OutputConfig::Kafka(k) = &c.outputs[0] else {
+            panic!("{:?}", c.outputs)
+        };
+        assert_eq!((k.topic.as_str(), k.delivery_timeout_ms), ("out", 30_000));
+        assert_eq!(k.properties["linger.ms"], "20");
+        let again = NodeConfig::parse(&c.to_toml(), "printed").unwrap();
+        assert_eq!(again.outputs, c.outputs);
+
+        let e = NodeConfig::parse(&t.replace("topic = \"out\"", "topic = \"\""), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[[output]] #1 type = \"kafka\": topic is required"),
+            "{e}"
+        );
+        let e = NodeConfig::parse(&t.replace("linger.ms", "acks"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"acks\" is set by weir"), "{e}");
+        let e = NodeConfig::parse(&t.replace("topic = ", "topics = "), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("topics"), "{e}");
     }
 }

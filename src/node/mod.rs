@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::stream::{EngineError, StreamingContext};
 use crate::wal::lock;
-use config::{LogFormat, NodeConfig, OutputConfig, ReceiverKind};
+use config::{LogFormat, NodeConfig, ReceiverKind};
 
 /// Why the node stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,10 @@ pub enum NodeError {
     /// Something else at startup (metrics listener, signal handlers).
     #[error("{0}")]
     Startup(String),
+    /// A part of the configuration was refused when it was built (e.g. an output's client
+    /// settings): a configuration error, like those found when the file is read.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Sets up `tracing` output as configured (`RUST_LOG` overrides the level). Call once.
@@ -45,7 +49,8 @@ pub fn init_logging(log: &config::LogConfig) {
 /// Builds the streaming context for `config`: its receivers, and one job per output.
 ///
 /// # Errors
-/// [`NodeError::Startup`] if a receiver refuses its configuration.
+/// [`NodeError::Startup`] if a receiver refuses its configuration, [`NodeError::Config`] if an
+/// output does.
 pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
     let mut ctx = StreamingContext::new(config.engine.clone(), &config.data_dir);
     for r in &config.receivers {
@@ -70,15 +75,14 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
             }
         }
     }
+    // Every output is built here, once (a Kafka output's producer lives as long as the node).
     for (i, o) in config.outputs.iter().enumerate() {
-        let name = match o {
-            OutputConfig::Dir { path, .. } => format!("output {} (dir {})", i + 1, path.display()),
-            OutputConfig::Stdout { .. } => format!("output {} (stdout)", i + 1),
-            OutputConfig::Discard => format!("output {} (discard)", i + 1),
-        };
-        let o = o.clone();
+        let out = output::Output::new(o)
+            .map_err(|e| NodeError::Config(format!("[[output]] #{}: {e}", i + 1)))?;
+        let name = format!("output {} ({})", i + 1, out.describe());
         ctx.foreach_batch(name, move |batch| {
-            output::write(&o, batch).map_err(|e| Box::new(e) as crate::stream::JobError)
+            out.write(batch)
+                .map_err(|e| Box::new(e) as crate::stream::JobError)
         });
     }
     Ok(ctx)

@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use weir_kafka::{KafkaOutput, KafkaOutputError};
 use weir_receiver::Record;
 
 use super::config::{OutputConfig, OutputFormat};
@@ -26,6 +27,9 @@ pub enum OutputError {
         /// The cause.
         source: io::Error,
     },
+    /// Producing to Kafka failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaOutputError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutputError + 'a {
@@ -138,27 +142,83 @@ fn write_batch(
     })
 }
 
-/// Writes `batch` to the output. Blocking.
-///
-/// # Errors
-/// [`OutputError`]; the batch is then not complete and is retried.
-pub fn write(output: &OutputConfig, batch: &Batch) -> Result<(), OutputError> {
-    match output {
-        OutputConfig::Stdout { format } => {
-            let stdout = io::stdout();
-            let mut out = BufWriter::new(stdout.lock());
-            write_batch(&mut out, batch, *format)?;
-            out.flush().map_err(io_err("write", Path::new("<stdout>")))
+/// An output, built once from its configuration when the node starts (a Kafka output holds
+/// its producer for the life of the node).
+#[derive(Debug)]
+pub struct Output {
+    config: OutputConfig,
+    kafka: Option<KafkaOutput>,
+}
+
+impl Output {
+    /// Builds the output (for `kafka`: creates the producer).
+    ///
+    /// # Errors
+    /// A description of why the configuration is refused.
+    pub fn new(config: &OutputConfig) -> Result<Output, String> {
+        let kafka = match config {
+            OutputConfig::Kafka(c) => Some(KafkaOutput::new(c.clone()).map_err(|e| e.to_string())?),
+            _ => None,
+        };
+        Ok(Output {
+            config: config.clone(),
+            kafka,
+        })
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &OutputConfig {
+        &self.config
+    }
+
+    /// A short description for job names and logs, e.g. `dir out/` or `kafka topic events`.
+    pub fn describe(&self) -> String {
+        match &self.config {
+            OutputConfig::Dir { path, .. } => format!("dir {}", path.display()),
+            OutputConfig::Stdout { .. } => "stdout".into(),
+            OutputConfig::Discard => "discard".into(),
+            OutputConfig::Kafka(c) => format!("kafka topic {}", c.topic),
         }
-        OutputConfig::Discard => {
-            let n: usize = batch.map_partitions(|it| it.count())?.into_iter().sum();
-            debug_assert_eq!(n as u64, batch.count());
-            Ok(())
+    }
+
+    /// Writes `batch` to the output. Blocking.
+    ///
+    /// # Errors
+    /// [`OutputError`]; the batch is then not complete and is retried.
+    pub fn write(&self, batch: &Batch) -> Result<(), OutputError> {
+        match (&self.config, &self.kafka) {
+            (OutputConfig::Stdout { format }, _) => {
+                let stdout = io::stdout();
+                let mut out = BufWriter::new(stdout.lock());
+                write_batch(&mut out, batch, *format)?;
+                out.flush().map_err(io_err("write", Path::new("<stdout>")))
+            }
+            (OutputConfig::Discard, _) => {
+                let n: usize = batch.map_partitions(|it| it.count())?.into_iter().sum();
+                debug_assert_eq!(n as u64, batch.count());
+                Ok(())
+            }
+            // An empty batch writes no file: a file per idle second helps nobody, and a re-run
+            // of an empty batch is empty too.
+            (OutputConfig::Dir { .. }, _) if batch.is_empty() => Ok(()),
+            (OutputConfig::Dir { path, format }, _) => write_dir(path, batch, *format),
+            (OutputConfig::Kafka(_), _) if batch.is_empty() => Ok(()),
+            (OutputConfig::Kafka(_), Some(kafka)) => {
+                let mut delivery = kafka.batch()?;
+                batch.for_each_block(|_, records| {
+                    for r in records {
+                        delivery.send(&r)?;
+                    }
+                    Ok::<(), OutputError>(())
+                })?;
+                let delivered = delivery.finish()?;
+                tracing::debug!(time = batch.time(), records = delivered, topic = %kafka.config().topic, "batch delivered to Kafka");
+                Ok(())
+            }
+            (OutputConfig::Kafka(c), None) => Err(OutputError::Kafka(KafkaOutputError::Create(
+                format!("the output for topic {:?} was not built", c.topic),
+            ))),
         }
-        // An empty batch writes no file: a file per idle second helps nobody, and a re-run of
-        // an empty batch is empty too.
-        OutputConfig::Dir { .. } if batch.is_empty() => Ok(()),
-        OutputConfig::Dir { path, format } => write_dir(path, batch, *format),
     }
 }
 

@@ -11,6 +11,9 @@
 //!
 //! Delivery is at-least-once across nodes (a partition moved to another node after a crash
 //! resumes from the committed offset); on one node it is exactly-once into the WAL.
+//!
+//! [`KafkaOutput`] (module [`output`]) is the other direction: it produces batches to a topic
+//! with an idempotent producer and succeeds only when every record is acknowledged.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -661,3 +664,9 @@ fn update_lag(c: &BaseConsumer<Ctx>, stats: &KafkaStats) {
     }
     *lock(&stats.lag) = lag;
 }
+
+// The output direction: batches produced to a topic (see the module).
+pub mod output;
+pub use output::{
+    BatchDelivery, KafkaOutput, KafkaOutputConfig, KafkaOutputError, KafkaOutputStats,
+};
