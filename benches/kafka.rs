@@ -5,16 +5,21 @@
 //! cargo bench --bench kafka -- --secs 20
 //! ```
 //!
-//! One librdkafka mock cluster, one topic (4 partitions), one producer thread producing 100-byte
-//! records at `--rate` records/s (default 150,000: the in-process mock broker is single-threaded
-//! and keeps ~5 MiB per partition; well above that rate it stalls its consumers). Three rounds,
-//! each on a fresh cluster; the median ratio is printed. Two consumers read the same topic concurrently, each in its own
-//! group: a plain `BaseConsumer` loop that only counts (no storing), and weir's engine with the
-//! Kafka receiver (fsync `always`, default block and batch intervals, a job reading every record
-//! of every batch back, offsets committed once durable). Printed: records/s produced, consumed by
-//! the plain loop, and into completed weir batches, and weir/plain. (The mock keeps only about
-//! 5 MiB per partition, so both consumers must keep up with the producer; the producer is the
-//! pace-setter and all three share the machine's cores.)
+//! One librdkafka mock cluster, one topic of 16 partitions, one producer thread producing
+//! 100-byte records at `--rate` records/s (default 150,000) in batches of up to 100 ms. Two
+//! consumers read the topic concurrently, each in its own group: a plain `BaseConsumer` loop
+//! that only counts (no storing), and weir's engine with the Kafka receiver (fsync `always`,
+//! default block and batch intervals, a job reading every record of every batch back, offsets
+//! committed once durable). The producer starts once both have their partitions. Printed per
+//! round (each on a fresh cluster): records/s produced, consumed by the plain loop, and into
+//! completed weir batches (counted over whole batches), weir/plain, and how far each consumer
+//! is behind the producer at the end; then the median ratio. `--only plain|weir` runs one
+//! consumer alone.
+//!
+//! The mock broker is single-threaded, keeps at most 5 MiB or 100,000 records per partition,
+//! and answers each fetch with one produced batch per partition: above roughly 200,000
+//! records/s on two cores it, not the consumers, sets the pace, and a consumer that falls behind
+//! catches up slowly.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -93,8 +98,15 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
     let stop = Arc::new(AtomicBool::new(false));
 
     let produced = Arc::new(AtomicU64::new(0));
+    // The producer starts once both consumers have their partitions (the mock delays a group's
+    // first assignment by 3 s), so that neither starts behind: the mock answers a fetch with one
+    // produced batch per partition, so a consumer that starts behind may never catch up.
+    let (skip_plain, skip_weir) = (only == Some("weir"), only == Some("plain"));
+    let plain_ready = Arc::new(AtomicBool::new(skip_plain));
+    let weir_ready = Arc::new(AtomicBool::new(skip_weir));
     let producer = {
         let (bs, stop, produced) = (bs.clone(), stop.clone(), produced.clone());
+        let ready = (plain_ready.clone(), weir_ready.clone());
         std::thread::spawn(move || {
             let p: BaseProducer = ClientConfig::new()
                 .set("bootstrap.servers", &bs)
@@ -105,6 +117,10 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
                 .expect("producer");
             let payload = [b'x'; 100];
             let mut i = 0u64;
+            let both_ready = || ready.0.load(Relaxed) && ready.1.load(Relaxed);
+            while !both_ready() && !stop.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let t0 = Instant::now();
             while !stop.load(Relaxed) {
                 // Pace: the mock broker keeps ~5 MiB per partition and is single-threaded.
@@ -135,9 +151,9 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
     };
 
     let plain = Arc::new(AtomicU64::new(0));
-    let (skip_plain, skip_weir) = (only == Some("weir"), only == Some("plain"));
     let plain_thread = {
         let (bs, stop, plain) = (bs.clone(), stop.clone(), plain.clone());
+        let ready = plain_ready.clone();
         std::thread::spawn(move || {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &bs)
@@ -152,6 +168,8 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
             while !stop.load(Relaxed) {
                 if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
                     plain.fetch_add(1, Relaxed);
+                } else if !ready.load(Relaxed) && c.assignment().is_ok_and(|a| a.count() > 0) {
+                    ready.store(true, Relaxed);
                 }
             }
             c.unsubscribe();
@@ -182,6 +200,13 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
             Ok(())
         });
         let running = ctx.start().await.expect("start");
+        while kstats.rebalances.load(Relaxed) == 0 && !skip_weir {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        weir_ready.store(true, Relaxed);
+        while !plain_ready.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
         let m = running.metrics();
         // Batches complete once a second: weir's window runs from just after one completed

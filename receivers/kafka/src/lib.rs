@@ -308,7 +308,14 @@ impl ConsumerContext for Ctx {
                             Offset::Offset(o) => Some(o),
                             _ => None,
                         });
-                    let wal = cp.get(&t, p).map(|o| o as i64 + 1);
+                    // What this node holds: the WAL checkpoint it started with, or what it made
+                    // durable since (a partition revoked and assigned again within one run,
+                    // whose revocation commit the group may have rejected).
+                    let durable = lock(&s.progress).durable.get(&(t.clone(), p)).copied();
+                    let wal = cp
+                        .get(&t, p)
+                        .map(|o| o as i64 + 1)
+                        .max(durable.map(|d| d + 1));
                     let start = match (group, wal) {
                         (Some(g), Some(w)) => Some(g.max(w)),
                         (g, w) => g.or(w),
