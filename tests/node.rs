@@ -636,6 +636,7 @@ fn the_node_produces_its_batches_to_a_kafka_topic_with_keys_and_headers() {
     }
     p.flush(Duration::from_secs(10)).unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
     let config = dir.path().join("node.toml");
     std::fs::write(
         &config,
@@ -643,7 +644,7 @@ fn the_node_produces_its_batches_to_a_kafka_topic_with_keys_and_headers() {
             "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
              [[receiver]]\nname = \"in\"\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g\"\ntopics = [\"in\"]\n\
              [[output]]\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ntopic = \"out\"\ndelivery_timeout_ms = 5000\n\
-             [metrics]\nenabled = false\n",
+             [metrics]\naddress = \"127.0.0.1:{mport}\"\n",
             dir.path().join("data").display().to_string(),
         ),
     )
@@ -689,6 +690,12 @@ fn the_node_produces_its_batches_to_a_kafka_topic_with_keys_and_headers() {
         .map(|i| (format!("event {i}"), format!("key {i}"), i.to_string()))
         .collect();
     assert_eq!(seen, want);
+    // Counted once the producer has every delivery report of the batch.
+    wait_until("300 delivered in /metrics", Duration::from_secs(10), || {
+        http_get(mport, "/metrics").is_some_and(|(_, m)| {
+            m.contains("weir_kafka_output_records_delivered_total{output=\"1\"} 300")
+        })
+    });
     sigterm(&node.0);
     let status = wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
     assert!(status.success(), "{status}");

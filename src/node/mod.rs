@@ -80,6 +80,10 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         let out = output::Output::new(o)
             .map_err(|e| NodeError::Config(format!("[[output]] #{}: {e}", i + 1)))?;
         let name = format!("output {} ({})", i + 1, out.describe());
+        let out = Arc::new(out);
+        if out.kafka().is_some() {
+            ctx.add_metrics(stats::kafka_output(&format!("{}", i + 1), out.clone()));
+        }
         ctx.foreach_batch(name, move |batch| {
             out.write(batch)
                 .map_err(|e| Box::new(e) as crate::stream::JobError)

@@ -171,6 +171,11 @@ impl Output {
         &self.config
     }
 
+    /// The Kafka producer of a `kafka` output.
+    pub fn kafka(&self) -> Option<&KafkaOutput> {
+        self.kafka.as_ref()
+    }
+
     /// A short description for job names and logs, e.g. `dir out/` or `kafka topic events`.
     pub fn describe(&self) -> String {
         match &self.config {

@@ -205,3 +205,47 @@ pub fn kafka_direct(receiver: &str, stats: Arc<weir_kafka::DirectStats>) -> Coll
         lag_samples(out, &receiver, &stats.lag);
     })
 }
+
+/// The counters of a `kafka` output, labelled by the output's position in the configuration.
+pub fn kafka_output(output: &str, out: Arc<super::output::Output>) -> Collector {
+    let output = output.to_string();
+    Arc::new(move |samples: &mut Vec<Sample>| {
+        let Some(k) = out.kafka() else { return };
+        let s = k.stats();
+        for (name, help, v) in [
+            (
+                "weir_kafka_output_batches_delivered_total",
+                "Batches whose every record the broker acknowledged.",
+                s.batches_delivered,
+            ),
+            (
+                "weir_kafka_output_batches_failed_total",
+                "Batch attempts that failed (the batch is retried).",
+                s.batches_failed,
+            ),
+            (
+                "weir_kafka_output_records_delivered_total",
+                "Records acknowledged by the broker.",
+                s.records_delivered,
+            ),
+            (
+                "weir_kafka_output_records_failed_total",
+                "Records with a failed delivery report.",
+                s.records_failed,
+            ),
+            (
+                "weir_kafka_output_producer_rebuilds_total",
+                "Producers created again after a fatal error.",
+                s.producer_rebuilds,
+            ),
+        ] {
+            samples.push(sample(
+                name,
+                help,
+                MetricKind::Counter,
+                vec![("output", output.clone())],
+                v,
+            ));
+        }
+    })
+}
