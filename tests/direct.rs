@@ -3,6 +3,9 @@
 //! the same ranges — when a batch is re-run after a crash. The source here is an in-memory log;
 //! `tests/kafka_direct.rs` runs the same path against a Kafka protocol endpoint.
 
+mod common;
+use common::start;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -101,20 +104,6 @@ fn context(
         Ok(())
     });
     ctx
-}
-
-async fn start(ctx: impl Fn() -> StreamingContext) -> weir::stream::RunningContext {
-    // A dropped engine may hold the directory for a moment (its last tasks end).
-    for _ in 0..100 {
-        match ctx().start().await {
-            Ok(r) => return r,
-            Err(e) if e.to_string().contains("ocked") => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("start: {e}"),
-        }
-    }
-    panic!("the data directory stayed locked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

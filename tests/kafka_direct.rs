@@ -2,6 +2,9 @@
 //! protocol endpoint on loopback): ranges per batch, a crash re-reads exactly the same ranges,
 //! each offset in one completed batch, offsets committed back to the group.
 
+mod common;
+use common::start;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -101,19 +104,6 @@ fn context(
         Ok(())
     });
     ctx
-}
-
-async fn start(ctx: impl Fn() -> StreamingContext) -> weir::stream::RunningContext {
-    for _ in 0..100 {
-        match ctx().start().await {
-            Ok(r) => return r,
-            Err(e) if e.to_string().contains("ocked") => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("start: {e}"),
-        }
-    }
-    panic!("the data directory stayed locked");
 }
 
 fn committed(bootstrap: &str) -> Vec<i64> {

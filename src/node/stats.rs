@@ -128,42 +128,68 @@ fn counters(
     }
 }
 
+/// The counters both Kafka modes have, then `extra`, then the lag per partition.
+#[allow(clippy::too_many_arguments)]
+fn kafka_samples(
+    out: &mut Vec<Sample>,
+    receiver: &str,
+    records: &AtomicU64,
+    bytes: &AtomicU64,
+    commits: &AtomicU64,
+    commit_failures: &AtomicU64,
+    extra: (&'static str, &'static str, &AtomicU64),
+    lag: &std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
+) {
+    counters(
+        out,
+        receiver,
+        &[
+            (
+                "weir_kafka_records_total",
+                "Records consumed from Kafka.",
+                records,
+            ),
+            (
+                "weir_kafka_bytes_total",
+                "Payload bytes consumed from Kafka.",
+                bytes,
+            ),
+            (
+                "weir_kafka_commits_total",
+                "Offset commits that succeeded.",
+                commits,
+            ),
+            (
+                "weir_kafka_commit_failures_total",
+                "Offset commits that failed (retried with the next one).",
+                commit_failures,
+            ),
+            extra,
+        ],
+    );
+    lag_samples(out, receiver, lag);
+}
+
 /// The counters of a Kafka consumer-group receiver.
 pub fn kafka(receiver: &str, stats: Arc<weir_kafka::KafkaStats>) -> Collector {
     let receiver = receiver.to_string();
     Arc::new(move |out: &mut Vec<Sample>| {
-        counters(
+        let s = &stats;
+        let rebalances = (
+            "weir_kafka_rebalances_total",
+            "Rebalances (assignments and revocations) seen.",
+            &s.rebalances,
+        );
+        kafka_samples(
             out,
             &receiver,
-            &[
-                (
-                    "weir_kafka_records_total",
-                    "Records consumed from Kafka.",
-                    &stats.records,
-                ),
-                (
-                    "weir_kafka_bytes_total",
-                    "Payload bytes consumed from Kafka.",
-                    &stats.bytes,
-                ),
-                (
-                    "weir_kafka_commits_total",
-                    "Offset commits that succeeded.",
-                    &stats.commits,
-                ),
-                (
-                    "weir_kafka_commit_failures_total",
-                    "Offset commits that failed (retried with the next one).",
-                    &stats.commit_failures,
-                ),
-                (
-                    "weir_kafka_rebalances_total",
-                    "Rebalances (assignments and revocations) seen.",
-                    &stats.rebalances,
-                ),
-            ],
+            &s.records,
+            &s.bytes,
+            &s.commits,
+            &s.commit_failures,
+            rebalances,
+            &s.lag,
         );
-        lag_samples(out, &receiver, &stats.lag);
     })
 }
 
@@ -171,38 +197,22 @@ pub fn kafka(receiver: &str, stats: Arc<weir_kafka::KafkaStats>) -> Collector {
 pub fn kafka_direct(receiver: &str, stats: Arc<weir_kafka::DirectStats>) -> Collector {
     let receiver = receiver.to_string();
     Arc::new(move |out: &mut Vec<Sample>| {
-        counters(
+        let s = &stats;
+        let skipped = (
+            "weir_kafka_offsets_skipped_total",
+            "Direct mode: offsets Kafka deleted before a batch took them.",
+            &s.offsets_skipped,
+        );
+        kafka_samples(
             out,
             &receiver,
-            &[
-                (
-                    "weir_kafka_records_total",
-                    "Records consumed from Kafka.",
-                    &stats.records,
-                ),
-                (
-                    "weir_kafka_bytes_total",
-                    "Payload bytes consumed from Kafka.",
-                    &stats.bytes,
-                ),
-                (
-                    "weir_kafka_commits_total",
-                    "Offset commits that succeeded.",
-                    &stats.commits,
-                ),
-                (
-                    "weir_kafka_commit_failures_total",
-                    "Offset commits that failed (retried with the next one).",
-                    &stats.commit_failures,
-                ),
-                (
-                    "weir_kafka_offsets_skipped_total",
-                    "Direct mode: offsets Kafka deleted before a batch took them.",
-                    &stats.offsets_skipped,
-                ),
-            ],
+            &s.records,
+            &s.bytes,
+            &s.commits,
+            &s.commit_failures,
+            skipped,
+            &s.lag,
         );
-        lag_samples(out, &receiver, &stats.lag);
     })
 }
 

@@ -687,24 +687,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Reads batch `t`'s direct ranges, retrying with backoff; false if it gave up (stopping,
-    /// or the engine failed).
-    async fn read_direct(self: &Arc<Self>, t: u64) -> bool {
+    /// Runs `attempt` (a step of batch `t`: a job, or reading its direct ranges) on a blocking
+    /// thread until it succeeds, retrying after a doubling backoff and counting each failure in
+    /// `failures`. False if it gave up: the engine failed, or the step failed 3 more times
+    /// during a stop (the batch then stays incomplete and re-runs at the next start).
+    async fn retry(
+        self: &Arc<Self>,
+        t: u64,
+        what: &str,
+        failures: &std::sync::atomic::AtomicU64,
+        attempt: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    ) -> bool {
         let mut delay = Duration::from_millis(self.config.job_retry_initial_ms);
         let mut failures_while_stopping = 0;
         loop {
-            let e = self.clone();
-            let err = match tokio::task::spawn_blocking(move || e.fetch_direct(t)).await {
+            let a = attempt.clone();
+            let err = match tokio::task::spawn_blocking(move || a()).await {
                 Ok(Ok(())) => return true,
                 Ok(Err(e)) => e,
                 Err(e) => format!("panicked: {e}"),
             };
-            self.metrics.direct_read_failures.fetch_add(1, Relaxed);
-            tracing::error!(batch = t, error = %err, retry_in_ms = delay.as_millis() as u64, "reading the batch's direct ranges failed; retrying");
+            failures.fetch_add(1, Relaxed);
+            tracing::error!(batch = t, step = what, error = %err, retry_in_ms = delay.as_millis() as u64, "batch step failed; retrying it on the same batch");
             if self.stopping.load(Relaxed) {
                 failures_while_stopping += 1;
                 if failures_while_stopping >= 3 {
-                    *lock(&self.incomplete) = Some((t, format!("direct ranges: {err}")));
+                    *lock(&self.incomplete) = Some((t, format!("{what}: {err}")));
                     return false;
                 }
             }
@@ -894,8 +902,13 @@ impl Engine {
     async fn process(self: &Arc<Self>, t: u64) -> bool {
         let started = now_ms();
         let t0 = Instant::now();
-        if !self.direct.is_empty() && !self.read_direct(t).await {
-            return false;
+        if !self.direct.is_empty() {
+            let e = self.clone();
+            let read = Arc::new(move || e.fetch_direct(t));
+            let failures = &self.metrics.direct_read_failures;
+            if !self.retry(t, "reading direct ranges", failures, read).await {
+                return false;
+            }
         }
         let Some(blocks) = lock(&self.schedule).batches.get(&t).cloned() else {
             tracing::error!(batch = t, "batch to process is not remembered");
@@ -908,29 +921,11 @@ impl Engine {
             } else {
                 batch.clone()
             };
-            let mut delay = Duration::from_millis(self.config.job_retry_initial_ms);
-            let mut failures_while_stopping = 0;
-            loop {
-                let (f, v) = (job.f.clone(), view.clone());
-                let err = match tokio::task::spawn_blocking(move || f(&v)).await {
-                    Ok(Ok(())) => break,
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => format!("panicked: {e}"),
-                };
-                self.metrics.job_failures.fetch_add(1, Relaxed);
-                tracing::error!(batch = t, job = %job.name, error = %err, retry_in_ms = delay.as_millis() as u64, "job failed; retrying the same batch");
-                if self.stopping.load(Relaxed) {
-                    failures_while_stopping += 1;
-                    if failures_while_stopping >= 3 {
-                        *lock(&self.incomplete) = Some((t, format!("job {}: {err}", job.name)));
-                        return false;
-                    }
-                }
-                if self.failed().is_some() {
-                    return false;
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(self.config.job_retry_max_ms));
+            let f = job.f.clone();
+            let run = Arc::new(move || f(&view).map_err(|e| e.to_string()));
+            let what = format!("job {}", job.name);
+            if !self.retry(t, &what, &self.metrics.job_failures, run).await {
+                return false;
             }
         }
         let processing = t0.elapsed().as_millis() as u64;
