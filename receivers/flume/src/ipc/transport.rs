@@ -147,6 +147,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
     }
 
+    /// The underlying stream (writing to it directly bypasses the framing and compression).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.io
+    }
+
     /// Writes one frame and flushes it.
     ///
     /// # Errors
