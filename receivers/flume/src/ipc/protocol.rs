@@ -90,7 +90,7 @@ impl Protocol {
             None => {}
             Some(Value::Object(m)) => {
                 for (mname, msg) in m {
-                    let sig = signature(mname, msg, namespace, &types, &schemata)
+                    let sig = signature(msg, namespace, &types, &schemata)
                         .map_err(|e| err(format!("message {mname:?}: {e}")))?;
                     messages.insert(mname.clone(), sig);
                 }
@@ -132,7 +132,6 @@ impl Protocol {
 }
 
 fn signature(
-    name: &str,
     msg: &Value,
     namespace: Option<&str>,
     types: &[String],
@@ -164,7 +163,6 @@ fn signature(
     let canonical = schema
         .independent_canonical_form(schemata)
         .map_err(|e| e.to_string())?;
-    let _ = name;
     Ok(MessageSignature { canonical, one_way })
 }
 
@@ -202,7 +200,7 @@ mod tests {
         assert_ne!(changed, AVRO_SOURCE_LEGACY);
         let changed = Protocol::parse(&changed).unwrap();
         assert!(!legacy.agrees_on(&changed, "append"));
-        assert!(legacy.agrees_on(&changed, "nonexistent") == false);
+        assert!(!legacy.agrees_on(&changed, "nonexistent"));
         for bad in ["", "[]", "{}", "{\"protocol\":\"P\",\"types\":[{\"type\":\"record\"}]}",
                     "{\"protocol\":\"P\",\"messages\":{\"m\":{\"request\":[{\"name\":\"x\",\"type\":\"Nope\"}],\"response\":\"null\"}}}"] {
             assert!(Protocol::parse(bad).is_err(), "{bad}");
