@@ -740,3 +740,114 @@ fn a_kafka_output_the_client_refuses_is_a_configuration_error() {
         }
     }
 }
+
+/// The Python interpreter with `avro` for the Flume peer: `WEIR_PYTHON`, else the repository's
+/// `.venv`; fails with the way to install it.
+fn flume_python() -> std::path::PathBuf {
+    let python = std::env::var_os("WEIR_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = Command::new(&python)
+        .args(["-c", "import avro.io, avro.ipc, avro.protocol"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import Python's `avro` package, which the Flume peer needs. Install it from \
+         the repository root with:\n    python3 -m venv .venv && .venv/bin/pip install avro\n\
+         (or point WEIR_PYTHON at an interpreter that has it)",
+        python.display()
+    );
+    python
+}
+
+#[test]
+fn a_flume_agent_pushes_to_the_node_and_batches_show_bodies_and_headers() {
+    let python = flume_python();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mport) = (free_port(), free_port());
+    let out_dir = dir.path().join("out");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+             [[receiver]]\nname = \"agents\"\ntype = \"flume\"\naddress = \"127.0.0.1:{port}\"\ndeflate = true\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"jsonl\"\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+            dir.path().join("data").display().to_string(),
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let node = spawn_node(&config);
+    wait_until("health", Duration::from_secs(30), || {
+        http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
+    });
+    let client =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("receivers/flume/peers/flume_avro_client.py");
+    let out = Command::new(&python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .arg(&client)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--deflate",
+            "--batches",
+            "4",
+            "--batch-size",
+            "5",
+        ])
+        .args(["--header", "host=agent-7"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("-> OK").count(), 4, "{stdout}");
+    // Every OK'd event is durable; the batch files show it with its headers.
+    let read_all = || -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&out_dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".jsonl") {
+                    for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+                        v.push(serde_json::from_str(l).unwrap());
+                    }
+                }
+            }
+        }
+        v
+    };
+    wait_until("20 events in batch files", Duration::from_secs(30), || {
+        read_all().len() == 20
+    });
+    let mut seen: Vec<(String, String)> = read_all()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["receiver"], "agents");
+            assert_eq!(r["headers"]["host"], "agent-7", "{r}");
+            (
+                r["headers"]["seq"].as_str().unwrap().to_string(),
+                r["payload"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let mut want: Vec<(String, String)> = (0..4)
+        .flat_map(|b| (0..5).map(move |i| (format!("{b}.{i}"), format!("batch {b} event {i}"))))
+        .collect();
+    want.sort();
+    assert_eq!(seen, want);
+    let (_, metrics) = http_get(mport, "/metrics").unwrap();
+    assert!(
+        metrics.contains("weir_flume_events_durable_total{receiver=\"agents\"} 20"),
+        "{metrics}"
+    );
+    sigterm(&node.0);
+    let mut node = node;
+    let status = wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
+    assert!(status.success(), "{status}");
+}

@@ -98,6 +98,10 @@ pub enum ReceiverKind {
     /// Kafka: a consumer-group member (the reliable high-level consumer, `mode = "group"`, the
     /// default) or a direct source (`mode = "direct"`: offset ranges per batch, no WAL).
     Kafka(weir_kafka::KafkaConfig),
+    /// Flume's Avro push source (`AvroSourceProtocol`): Flume agents' Avro sinks push to it;
+    /// a call is answered `OK` only once its events are durable. See weir-flume's
+    /// `FlumeSourceConfig` for the keys.
+    Flume(weir_flume::FlumeSourceConfig),
 }
 
 /// How records are written by an output.
@@ -278,7 +282,7 @@ impl NodeConfig {
                 Some(_) => return Err(at("`type` must be a string".into())),
                 None => {
                     return Err(at(
-                        "missing key `type` (expected \"socket\" or \"kafka\")".into()
+                        "missing key `type` (expected \"socket\", \"kafka\" or \"flume\")".into(),
                     ))
                 }
             };
@@ -307,10 +311,17 @@ impl NodeConfig {
                     c.validate().map_err(at)?;
                     ReceiverKind::Kafka(c)
                 }
+                "flume" => {
+                    let c: weir_flume::FlumeSourceConfig = toml::Value::Table(table)
+                        .try_into()
+                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
+                    c.validate().map_err(at)?;
+                    ReceiverKind::Flume(c)
+                }
                 other => {
                     return Err(at(format!(
-                        "unknown receiver type {other:?} (expected \"socket\" or \"kafka\")"
-                    )))
+                    "unknown receiver type {other:?} (expected \"socket\", \"kafka\" or \"flume\")"
+                )))
                 }
             };
             if receivers.iter().any(|r: &ReceiverSpec| r.name == name) {
@@ -429,6 +440,26 @@ mod tests {
         let bad = EMBEDDED_DEFAULT.replace("format = \"lines\"", "format = \"xml\"");
         let e = NodeConfig::parse(&bad, "f.toml").unwrap_err().to_string();
         assert!(e.contains("xml"), "{e}");
+    }
+
+    #[test]
+    fn a_flume_receiver_parses_validates_and_prints_back() {
+        let t = EMBEDDED_DEFAULT.replace(
+            "type = \"socket\"\nmode = \"listen\"\naddress = \"127.0.0.1:9999\"\nprotocol = \"lines\"\n",
+            "type = \"flume\"\naddress = \"127.0.0.1:41414\"\ndeflate = true\n",
+        );
+        let c = NodeConfig::parse(&t, "f").unwrap();
+        let ReceiverKind::Flume(f) = &c.receivers[0].kind else {
+            panic!("{:?}", c.receivers)
+        };
+        assert!(f.deflate);
+        assert_eq!(f.max_events_per_batch, 10_000);
+        let again = NodeConfig::parse(&c.to_toml(), "printed").unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+        let e = NodeConfig::parse(&t.replace("deflate = true", "max_connections = 0"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_connections must be at least 1"), "{e}");
     }
 
     #[test]

@@ -67,6 +67,12 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
                 ctx.add_metrics(stats::kafka_direct(&r.name, source.stats()));
                 ctx.add_direct_source(r.name.as_str(), source);
             }
+            ReceiverKind::Flume(c) => {
+                let receiver = weir_flume::FlumeSourceReceiver::new(c.clone())
+                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_metrics(stats::flume(&r.name, receiver.stats()));
+                ctx.add_receiver(r.name.as_str(), receiver);
+            }
             ReceiverKind::Kafka(c) => {
                 let receiver = weir_kafka::KafkaReceiver::new(c.clone())
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;

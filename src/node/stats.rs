@@ -259,3 +259,73 @@ pub fn kafka_output(output: &str, out: Arc<super::output::Output>) -> Collector 
         }
     })
 }
+
+/// The counters of a Flume Avro push source.
+pub fn flume(receiver: &str, stats: Arc<weir_flume::FlumeSourceStats>) -> Collector {
+    let receiver = receiver.to_string();
+    Arc::new(move |out: &mut Vec<Sample>| {
+        counters(
+            out,
+            &receiver,
+            &[
+                (
+                    "weir_flume_connections_accepted_total",
+                    "Connections served (accepted and not rejected).",
+                    &stats.connections_accepted,
+                ),
+                (
+                    "weir_flume_connections_rejected_total",
+                    "Connections closed at once because max_connections were open.",
+                    &stats.connections_rejected,
+                ),
+                (
+                    "weir_flume_calls_total",
+                    "append/appendBatch calls whose events were handed to store().",
+                    &stats.calls,
+                ),
+                (
+                    "weir_flume_events_total",
+                    "Events handed to store().",
+                    &stats.events,
+                ),
+                (
+                    "weir_flume_bytes_total",
+                    "Body bytes of those events.",
+                    &stats.bytes,
+                ),
+                (
+                    "weir_flume_events_durable_total",
+                    "Events answered OK (durable).",
+                    &stats.events_durable,
+                ),
+                (
+                    "weir_flume_calls_failed_total",
+                    "Calls answered FAILED (store failed or the node was stopping).",
+                    &stats.calls_failed,
+                ),
+                (
+                    "weir_flume_error_replies_total",
+                    "Calls answered with an Avro error (unknown message, bad parameters, too many events).",
+                    &stats.error_replies,
+                ),
+                (
+                    "weir_flume_malformed_closed_total",
+                    "Connections closed for a malformed frame, handshake or compressed stream.",
+                    &stats.malformed_closed,
+                ),
+                (
+                    "weir_flume_idle_closed_total",
+                    "Connections closed by idle_timeout_ms.",
+                    &stats.idle_closed,
+                ),
+            ],
+        );
+        out.push(sample(
+            "weir_flume_connections_active",
+            "Connections open now.",
+            MetricKind::Gauge,
+            vec![("receiver", receiver.clone())],
+            stats.connections_active.load(Relaxed),
+        ));
+    })
+}

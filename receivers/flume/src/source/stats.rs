@@ -1,0 +1,58 @@
+//! Counters of a [`FlumeSourceReceiver`](crate::FlumeSourceReceiver).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// Counters of one Flume source, shared with its connections; they live as long as the
+/// receiver value, across restarts of its `run`.
+#[derive(Debug, Default)]
+pub struct FlumeSourceStats {
+    /// Connections served (accepted and not rejected).
+    pub connections_accepted: AtomicU64,
+    /// Connections open now.
+    pub connections_active: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub connections_rejected: AtomicU64,
+    /// `append` and `appendBatch` calls whose events were handed to `store()`.
+    pub calls: AtomicU64,
+    /// Events handed to `store()`.
+    pub events: AtomicU64,
+    /// Body bytes of those events.
+    pub bytes: AtomicU64,
+    /// Events answered `OK` (durable).
+    pub events_durable: AtomicU64,
+    /// Calls answered `FAILED` (store failed, or the node is stopping).
+    pub calls_failed: AtomicU64,
+    /// Calls answered with an Avro error (unknown message, bad parameters, too many events).
+    pub error_replies: AtomicU64,
+    /// Connections closed for a malformed frame, handshake or compressed stream.
+    pub malformed_closed: AtomicU64,
+    /// Connections closed by `idle_timeout_ms`.
+    pub idle_closed: AtomicU64,
+}
+
+impl FlumeSourceStats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// Reads one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+
+    /// Counts a connection as active until the guard is dropped.
+    pub(crate) fn active(self: &Arc<Self>) -> ActiveGuard {
+        self.connections_active.fetch_add(1, Relaxed);
+        ActiveGuard(self.clone())
+    }
+}
+
+/// Decrements `connections_active` when dropped.
+pub(crate) struct ActiveGuard(Arc<FlumeSourceStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Relaxed);
+    }
+}

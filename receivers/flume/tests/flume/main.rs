@@ -1,0 +1,8 @@
+//! Integration tests of the Flume push source, with a fake host: Java's captured bytes, the
+//! Python Flume client as a subprocess, malformed input and limits, failures and shutdown.
+
+mod capture;
+mod common;
+mod malformed;
+mod python_peer;
+mod status;
