@@ -7,6 +7,11 @@
 //! - [`flume`]: `AvroSourceProtocol`'s texts and messages.
 //! - [`FlumeSourceReceiver`]: Flume's Avro push source, answering `OK` only once a call's
 //!   events are durable (see the crate's `README.md`).
+//! - [`spark`]: Spark's `SparkFlumeProtocol` (the pull sink's protocol) and its codec.
+//! - [`sink_server`]: the `SparkFlumeProtocol` server of a pull sink, over a transactional
+//!   [`sink_server::PullQueue`] (weir's pull sink implements it on its own write-ahead log).
+//! - [`FlumePullReceiver`]: polls pull sinks (`getEventBatch`), `ack`s a batch only once it is
+//!   durable, `nack`s it when storing fails.
 //!
 //! ```no_run
 //! use weir_receiver::{shutdown_channel, Receiver, ReceiverContext};
@@ -23,8 +28,12 @@
 
 pub mod flume;
 pub mod ipc;
+mod pull;
+pub mod sink_server;
 mod source;
+pub mod spark;
 
+pub use pull::{FlumePullConfig, FlumePullReceiver, FlumePullStats, MAX_WORKERS};
 pub use source::{
     avro_source_responder, ConfigError, FlumeSourceConfig, FlumeSourceReceiver, FlumeSourceStats,
     DEFAULT_ADDRESS, MAX_FRAME_BYTES_LIMIT, MIN_FRAME_BYTES,

@@ -4,5 +4,6 @@
 mod capture;
 mod common;
 mod malformed;
+mod pull;
 mod python_peer;
 mod status;
