@@ -28,6 +28,7 @@ pub mod block;
 pub mod inspect;
 pub mod node;
 pub mod rate;
+pub mod sink;
 pub mod stream;
 pub mod tracker;
 pub mod wal;

@@ -51,6 +51,17 @@ enum Command {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Run a pull sink (sink node): accept events over Flume's Avro push protocol into a durable
+    /// queue, serve them to pull receivers over SparkFlumeProtocol (getEventBatch/ack/nack).
+    ///
+    /// The file has the sections [push] (Flume Avro source keys), [pull] (address, deflate,
+    /// max_batch, ...), [queue] (tx_timeout_ms, empty_wait_ms, max_queued_bytes), [wal], and
+    /// data_dir. SIGTERM/SIGINT stop it (exit 0); exit 2 on configuration errors, 1 otherwise.
+    Sink {
+        /// The configuration file (TOML; see examples/flume-pull-sink.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Inspect a write-ahead log directory (read-only: safe on a live directory).
     #[command(subcommand)]
     Wal(WalCommand),
@@ -132,6 +143,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => return run_node(config.as_deref()),
         Command::CheckConfig { file } => return check_config(&file),
+        Command::Sink { config } => return run_sink(&config),
         Command::Wal(cmd) => run_wal(cmd),
     };
     match result {
@@ -215,6 +227,59 @@ fn run_node(file: Option<&std::path::Path>) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn run_sink(file: &std::path::Path) -> ExitCode {
+    let config = match std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: {e}", file.display()))
+        .and_then(|t| {
+            weir::sink::PullSinkConfig::parse(&t).map_err(|e| format!("{}: {e}", file.display()))
+        }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("receiver-node: configuration error: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    node::init_logging(&node_config::LogConfig::default());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("receiver-node: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            eprintln!("receiver-node: cannot install signal handlers");
+            return ExitCode::from(1);
+        };
+        let sink = match weir::sink::PullSink::start(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("receiver-node: error: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        eprintln!(
+            "receiver-node: pull sink ready: push {} pull {}",
+            sink.push_addr, sink.pull_addr
+        );
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping the pull sink");
+        sink.stop().await;
+        ExitCode::from(EXIT_OK)
+    })
 }
 
 fn run_wal(cmd: WalCommand) -> Result<u8, InspectError> {
