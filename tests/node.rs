@@ -851,3 +851,94 @@ fn a_flume_agent_pushes_to_the_node_and_batches_show_bodies_and_headers() {
     let status = wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_flume_pull_receiver_polls_a_spark_sink_and_batches_show_bodies_and_headers() {
+    let python = flume_python();
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let peer =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("receivers/flume/peers/spark_sink_peer.py");
+    let mut sink = Command::new(&python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .arg(&peer)
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--events",
+            "25",
+            "--empty-wait",
+            "0.2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sink.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line
+        .split("listening on 127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let out_dir = dir.path().join("out");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+             [[receiver]]\nname = \"pulled\"\ntype = \"flume_pull\"\naddresses = [\"127.0.0.1:{port}\"]\nmax_batch = 10\npoll_interval_ms = 50\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"jsonl\"\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+            dir.path().join("data").display().to_string(),
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let node = spawn_node(&config);
+    let read_all = || -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&out_dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".jsonl") {
+                    for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+                        v.push(serde_json::from_str(l).unwrap());
+                    }
+                }
+            }
+        }
+        v
+    };
+    wait_until("25 events in batch files", Duration::from_secs(30), || {
+        read_all().len() == 25
+    });
+    let mut seen: Vec<(u32, String)> = read_all()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["receiver"], "pulled");
+            (
+                r["headers"]["n"].as_str().unwrap().parse().unwrap(),
+                r["payload"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want: Vec<(u32, String)> = (0..25).map(|i| (i, format!("event {i}"))).collect();
+    assert_eq!(seen, want);
+    wait_until("25 acked in /metrics", Duration::from_secs(10), || {
+        http_get(mport, "/metrics").is_some_and(|(_, m)| {
+            m.contains("weir_flume_pull_events_acked_total{receiver=\"pulled\"} 25")
+        })
+    });
+    sigterm(&node.0);
+    let mut node = node;
+    let status = wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
+    assert!(status.success(), "{status}");
+    let _ = sink.kill();
+    let _ = sink.wait();
+}

@@ -102,6 +102,10 @@ pub enum ReceiverKind {
     /// a call is answered `OK` only once its events are durable. See weir-flume's
     /// `FlumeSourceConfig` for the keys.
     Flume(weir_flume::FlumeSourceConfig),
+    /// Pull receiver (`SparkFlumeProtocol` client): polls pull sinks with `getEventBatch`,
+    /// `ack`s a batch once durable, `nack`s it when storing fails. See weir-flume's
+    /// `FlumePullConfig` for the keys.
+    FlumePull(weir_flume::FlumePullConfig),
 }
 
 /// How records are written by an output.
@@ -282,7 +286,7 @@ impl NodeConfig {
                 Some(_) => return Err(at("`type` must be a string".into())),
                 None => {
                     return Err(at(
-                        "missing key `type` (expected \"socket\", \"kafka\" or \"flume\")".into(),
+                        "missing key `type` (expected \"socket\", \"kafka\", \"flume\" or \"flume_pull\")".into(),
                     ))
                 }
             };
@@ -318,9 +322,16 @@ impl NodeConfig {
                     c.validate().map_err(at)?;
                     ReceiverKind::Flume(c)
                 }
+                "flume_pull" => {
+                    let c: weir_flume::FlumePullConfig = toml::Value::Table(table)
+                        .try_into()
+                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
+                    c.validate().map_err(at)?;
+                    ReceiverKind::FlumePull(c)
+                }
                 other => {
                     return Err(at(format!(
-                    "unknown receiver type {other:?} (expected \"socket\", \"kafka\" or \"flume\")"
+                    "unknown receiver type {other:?} (expected \"socket\", \"kafka\", \"flume\" or \"flume_pull\")"
                 )))
                 }
             };

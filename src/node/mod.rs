@@ -73,6 +73,12 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
                 ctx.add_metrics(stats::flume(&r.name, receiver.stats()));
                 ctx.add_receiver(r.name.as_str(), receiver);
             }
+            ReceiverKind::FlumePull(c) => {
+                let receiver = weir_flume::FlumePullReceiver::new(c.clone())
+                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
+                ctx.add_metrics(stats::flume_pull(&r.name, receiver.stats()));
+                ctx.add_receiver(r.name.as_str(), receiver);
+            }
             ReceiverKind::Kafka(c) => {
                 let receiver = weir_kafka::KafkaReceiver::new(c.clone())
                     .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;

@@ -329,3 +329,73 @@ pub fn flume(receiver: &str, stats: Arc<weir_flume::FlumeSourceStats>) -> Collec
         ));
     })
 }
+
+/// The counters of a Flume pull receiver.
+pub fn flume_pull(receiver: &str, stats: Arc<weir_flume::FlumePullStats>) -> Collector {
+    let receiver = receiver.to_string();
+    Arc::new(move |out: &mut Vec<Sample>| {
+        counters(
+            out,
+            &receiver,
+            &[
+                (
+                    "weir_flume_pull_connects_total",
+                    "Connections made to pull sinks.",
+                    &stats.connects,
+                ),
+                (
+                    "weir_flume_pull_connection_failures_total",
+                    "Connection attempts or connections that failed (each followed by a backoff).",
+                    &stats.connection_failures,
+                ),
+                (
+                    "weir_flume_pull_batches_total",
+                    "Batches with events received.",
+                    &stats.batches,
+                ),
+                (
+                    "weir_flume_pull_events_total",
+                    "Events received and handed to store().",
+                    &stats.events,
+                ),
+                (
+                    "weir_flume_pull_bytes_total",
+                    "Body bytes of those events.",
+                    &stats.bytes,
+                ),
+                (
+                    "weir_flume_pull_acks_total",
+                    "Batches acknowledged once durable.",
+                    &stats.acks,
+                ),
+                (
+                    "weir_flume_pull_events_acked_total",
+                    "Events acknowledged once durable.",
+                    &stats.events_acked,
+                ),
+                (
+                    "weir_flume_pull_nacks_total",
+                    "Batches nacked (storing failed or the node was stopping).",
+                    &stats.nacks,
+                ),
+                (
+                    "weir_flume_pull_error_batches_total",
+                    "Error batches received (never acknowledged).",
+                    &stats.error_batches,
+                ),
+                (
+                    "weir_flume_pull_empty_batches_total",
+                    "Empty batches received.",
+                    &stats.empty_batches,
+                ),
+            ],
+        );
+        out.push(sample(
+            "weir_flume_pull_workers_connected",
+            "Workers connected to a pull sink now.",
+            MetricKind::Gauge,
+            vec![("receiver", receiver.clone())],
+            stats.workers_connected.load(Relaxed),
+        ));
+    })
+}

@@ -272,3 +272,21 @@ impl PullSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_parses_and_errors_name_the_key() {
+        let c = PullSinkConfig::parse(include_str!("../../examples/flume-pull-sink.toml")).unwrap();
+        assert_eq!(c.pull.address, "127.0.0.1:41415");
+        assert_eq!(c.queue.tx_timeout_ms, 60_000);
+        let e = PullSinkConfig::parse("[queue]\ntx_timeout_ms = 0\n").unwrap_err();
+        assert!(e.contains("[queue]") && e.contains("tx_timeout_ms"), "{e}");
+        let e = PullSinkConfig::parse("[pull]\nmax_batch = 0\n").unwrap_err();
+        assert!(e.contains("max_batch"), "{e}");
+        let e = PullSinkConfig::parse("[pul]\n").unwrap_err();
+        assert!(e.contains("pul"), "{e}");
+    }
+}
