@@ -212,45 +212,19 @@ fn the_node_ingests_lines_writes_batches_serves_metrics_and_drains_on_sigterm() 
     }
 }
 
-#[test]
-fn the_crash_harness_finds_nothing_acknowledged_missing_after_kills() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(HARNESS)
-        .args([
-            "--kills", "3", "--seed", "11", "--min-ms", "150", "--max-ms", "600", "--node", NODE,
-            "--dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{report}\n{}\nnode log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
-    );
-    assert!(
-        report.contains("MISSING (acknowledged, not in output): 0"),
-        "{report}"
-    );
-    assert!(report.contains("kills: 3"), "{report}");
-    assert!(report.contains("result: PASS"), "{report}");
-}
-
-#[test]
-fn the_crash_harness_in_kafka_mode_finds_nothing_delivered_missing_after_kills() {
+/// Runs the crash harness with `args` (and `--node`, and a fresh `--dir`) and returns its report,
+/// failing the test (with the node's log) unless it passed with nothing acknowledged missing,
+/// nothing corrupt and the kills done.
+fn harness_passes(args: &[&str], kills: u32) -> String {
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let out = Command::new(HARNESS)
-        .args([
-            "--source", "kafka", "--kills", "2", "--seed", "5", "--min-ms", "200", "--max-ms",
-            "1200", "--rate", "3000", "--node", NODE, "--dir",
-        ])
+        .args(args)
+        .args(["--kills", &kills.to_string(), "--node", NODE, "--dir"])
         .arg(dir.path())
         .output()
         .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
     eprintln!("{report}(in {:?})", t0.elapsed());
     assert!(
         out.status.success(),
@@ -258,14 +232,51 @@ fn the_crash_harness_in_kafka_mode_finds_nothing_delivered_missing_after_kills()
         String::from_utf8_lossy(&out.stderr),
         std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
     );
-    assert!(report.contains("source kafka"), "{report}");
-    assert!(
-        report.contains("MISSING (acknowledged, not in output): 0"),
-        "{report}"
+    for want in [
+        "MISSING (acknowledged, not in output): 0".to_string(),
+        "corrupt lines: 0".to_string(),
+        format!("kills: {kills}"),
+        "result: PASS".to_string(),
+    ] {
+        assert!(report.contains(&want), "{want}: {report}");
+    }
+    report
+}
+
+#[test]
+fn the_crash_harness_finds_nothing_acknowledged_missing_after_kills() {
+    harness_passes(&["--seed", "11", "--min-ms", "150", "--max-ms", "600"], 3);
+}
+
+#[test]
+fn the_crash_harness_in_flume_push_and_pull_modes_finds_nothing_acknowledged_missing() {
+    for source in ["flume", "flume-pull"] {
+        let report = harness_passes(
+            &[
+                "--source", source, "--seed", "3", "--min-ms", "150", "--max-ms", "600",
+            ],
+            2,
+        );
+        assert!(report.contains(&format!("source {source},")), "{report}");
+        let acked: u64 = report
+            .lines()
+            .find_map(|l| l.split("acknowledged: ").nth(1))
+            .and_then(|r| r.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(acked > 1000, "{report}");
+    }
+}
+
+#[test]
+fn the_crash_harness_in_kafka_mode_finds_nothing_delivered_missing_after_kills() {
+    let report = harness_passes(
+        &[
+            "--source", "kafka", "--seed", "5", "--min-ms", "200", "--max-ms", "1200", "--rate",
+            "3000",
+        ],
+        2,
     );
-    assert!(report.contains("kills: 2"), "{report}");
-    assert!(report.contains("corrupt lines: 0"), "{report}");
-    assert!(report.contains("result: PASS"), "{report}");
+    assert!(report.contains("source kafka"), "{report}");
     // Something was delivered and consumed between the kills.
     let delivered: u64 = report
         .lines()

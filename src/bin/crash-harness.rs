@@ -26,6 +26,10 @@
 //! - unacked but present: sent, never acknowledged (the node died first), yet stored,
 //! - kills, and the recovery time of each restart (start to `/health` answering 200).
 //!
+//! `--source kafka` feeds a Kafka receiver from an in-process mock cluster; `--source flume`
+//! pushes `appendBatch` calls to a Flume Avro source (acknowledged = answered `OK`); `--source
+//! flume-pull` pushes to an in-process pull sink that the node's `flume_pull` receiver polls.
+//!
 //! Exit status: 0 if nothing acknowledged is missing and nothing is corrupt, 1 otherwise, 2 on
 //! usage or setup errors.
 //!
@@ -59,6 +63,13 @@ enum Source {
     Socket,
     /// A topic of an in-process Kafka mock cluster, consumed by the Kafka receiver.
     Kafka,
+    /// Flume agents (`appendBatch` calls) pushing to the node's Flume Avro source; a call's
+    /// events count as acknowledged when it is answered `OK`.
+    Flume,
+    /// Flume agents pushing to an in-process pull sink, which the node's `flume_pull` receiver
+    /// polls; events count as acknowledged when the sink answered the push `OK` (the sink then
+    /// holds them until the node acks them durable).
+    FlumePull,
 }
 
 #[derive(Debug, Parser)]
@@ -86,7 +97,7 @@ struct Opts {
     /// The receiver-node binary; default: the one next to this binary.
     #[arg(long)]
     node: Option<PathBuf>,
-    /// Producer connections sending at once (socket source).
+    /// Producer connections sending at once (socket and Flume sources).
     #[arg(long, default_value_t = 2)]
     producers: u32,
     /// Where the records come from.
@@ -236,6 +247,107 @@ fn producer(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Events per `appendBatch` call of the Flume producers.
+const FLUME_BATCH: u64 = 100;
+
+/// One Flume agent: `appendBatch` calls of numbered events, one at a time; a call answered `OK`
+/// acknowledges its events; after `FAILED`, an error or a broken connection the same events are
+/// sent again (on a new connection).
+fn flume_producer(
+    addr: SocketAddr,
+    ledger: Arc<Mutex<Ledger>>,
+    next_id: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    done_sending: Arc<AtomicBool>,
+) -> Result<(), String> {
+    use weir_flume::flume::{self, Status, AVRO_SOURCE_LEGACY};
+    use weir_flume::ipc::frame::FrameLimits;
+    use weir_flume::ipc::protocol::Protocol;
+    use weir_flume::ipc::requestor::{Reply, Requestor};
+    use weir_flume::ipc::transport::{FrameReader, FrameWriter};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let protocol = Protocol::parse(AVRO_SOURCE_LEGACY).map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let mut pending: Vec<u64> = Vec::new();
+        while !stop.load(SeqCst) {
+            let Ok(Ok(conn)) =
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                    .await
+            else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let _ = conn.set_nodelay(true);
+            let (rd, wr) = conn.into_split();
+            let limits = FrameLimits {
+                max_frame_bytes: 1 << 24,
+                max_buffers: 1 << 12,
+            };
+            let mut reader = FrameReader::new(rd, limits, false);
+            let mut writer = FrameWriter::new(wr, false);
+            let mut requestor = Requestor::new(protocol.clone());
+            let mut serial = 0;
+            loop {
+                if stop.load(SeqCst) {
+                    return Ok(());
+                }
+                if pending.is_empty() {
+                    if done_sending.load(SeqCst) {
+                        return Ok(());
+                    }
+                    let first = next_id.fetch_add(FLUME_BATCH, SeqCst);
+                    pending = (first..first + FLUME_BATCH).collect();
+                    let mut l = lock(&ledger);
+                    l.sent = l.sent.max(first + FLUME_BATCH);
+                }
+                let events: Vec<(Vec<(String, String)>, bytes::Bytes)> = pending
+                    .iter()
+                    .map(|id| (Vec::new(), bytes::Bytes::from(record(*id))))
+                    .collect();
+                let params = flume::encode_append_batch(&events);
+                let status = tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        serial += 1;
+                        let buffers = requestor.encode_call(flume::APPEND_BATCH, &params);
+                        writer.write(serial, &buffers).await.ok()?;
+                        let frame = reader.next().await.ok()??;
+                        match requestor.decode_reply(flume::APPEND_BATCH, frame.payload) {
+                            Ok(Reply::Resend) => continue,
+                            Ok(Reply::Ok(mut r)) => return Status::decode(&mut r).ok(),
+                            Ok(Reply::Error(_)) | Err(_) => return None,
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                match status {
+                    Some(Status::Ok) => {
+                        let mut l = lock(&ledger);
+                        for id in pending.drain(..) {
+                            let i = id as usize;
+                            if l.acked.len() <= i {
+                                l.acked.resize(i + 1, false);
+                            }
+                            l.acked[i] = true;
+                        }
+                    }
+                    // FAILED: the node could not make them durable; send them again.
+                    Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    // No answer: the node died; reconnect and send them again.
+                    None => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -532,9 +644,42 @@ fn run(o: &Opts) -> Result<bool, String> {
     let log = dir.join("node.log");
     let cluster = match o.source {
         Source::Kafka => Some(start_cluster(o.partitions)?),
-        Source::Socket => None,
+        _ => None,
+    };
+    // Flume pull: the sink runs in this process (it is not what is being killed) on a runtime
+    // of its own; its transactions time out after 3 s, so a batch a killed node held comes back
+    // soon.
+    let sink_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let sink = if o.source == Source::FlumePull {
+        let mut c = weir::sink::PullSinkConfig {
+            data_dir: dir.join("sink"),
+            ..weir::sink::PullSinkConfig::default()
+        };
+        c.push.address = "127.0.0.1:0".into();
+        c.pull.address = "127.0.0.1:0".into();
+        c.queue.tx_timeout_ms = 3000;
+        c.queue.empty_wait_ms = 200;
+        Some(
+            sink_rt
+                .block_on(weir::sink::PullSink::start(c))
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
     };
     let receiver = match &cluster {
+        None if o.source == Source::Flume => format!(
+            "[[receiver]]\nname = \"flume\"\ntype = \"flume\"\naddress = \"{addr}\"\n"
+        ),
+        None if o.source == Source::FlumePull => format!(
+            "[[receiver]]\nname = \"pulled\"\ntype = \"flume_pull\"\naddresses = [\"{}\"]\nworkers = 2\n\
+             max_batch = 500\npoll_interval_ms = 50\nreconnect_backoff_max_ms = 500\n",
+            sink.as_ref().map(|s| s.pull_addr).unwrap_or(addr)
+        ),
         None => format!(
             "[[receiver]]\nname = \"frames\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"{addr}\"\nprotocol = \"frames\"\n"
         ),
@@ -563,6 +708,8 @@ fn run(o: &Opts) -> Result<bool, String> {
         match o.source {
             Source::Socket => "socket",
             Source::Kafka => "kafka",
+            Source::Flume => "flume",
+            Source::FlumePull => "flume-pull",
         },
         o.seed,
         o.kills,
@@ -588,7 +735,22 @@ fn run(o: &Opts) -> Result<bool, String> {
         failed: Arc::default(),
         paused_ms: Arc::default(),
     });
+    let push_to = match &sink {
+        Some(s) => s.push_addr,
+        None => addr,
+    };
     let producers: Vec<std::thread::JoinHandle<Result<(), String>>> = match &feed {
+        None if matches!(o.source, Source::Flume | Source::FlumePull) => (0..o.producers)
+            .map(|_| {
+                let (l, n, s, d) = (
+                    ledger.clone(),
+                    next_id.clone(),
+                    stop.clone(),
+                    done_sending.clone(),
+                );
+                std::thread::spawn(move || flume_producer(push_to, l, n, s, d))
+            })
+            .collect(),
         None => (0..o.producers)
             .map(|_| {
                 let (l, n, s, d) = (
@@ -701,6 +863,21 @@ fn run(o: &Opts) -> Result<bool, String> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // Flume pull: wait until the node has acked everything the sink holds (it acks only what
+    // is durable in its WAL; batches a killed node held come back after the sink's timeout).
+    if let Some(sink) = &sink {
+        let t0 = Instant::now();
+        while sink.queue().stats().events_queued.load(SeqCst) > 0 {
+            if t0.elapsed() > Duration::from_secs(90) {
+                println!(
+                    "  the sink still holds {} unacked events after 90 s",
+                    sink.queue().stats().events_queued.load(SeqCst)
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     // Graceful stop: SIGTERM, exit 0 within the drain time.
     let pid = child.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -784,7 +961,12 @@ fn run(o: &Opts) -> Result<bool, String> {
     );
     println!("  MISSING (acknowledged, not in output): {}", missing.len());
     match o.source {
-        Source::Socket => println!("  duplicates (resent after a kill): {duplicates}"),
+        Source::Socket | Source::Flume => {
+            println!("  duplicates (resent after a kill): {duplicates}")
+        }
+        Source::FlumePull => {
+            println!("  duplicates (served again after a kill, at-least-once): {duplicates}")
+        }
         Source::Kafka => println!("  duplicates (stored twice): {duplicates}"),
     }
     println!("  corrupt lines: {}", corrupt + never_sent as u64);
