@@ -40,6 +40,11 @@ pub struct FrameReader<R> {
     /// Compressed bytes not yet inflated.
     compressed: Vec<u8>,
     consumed: usize,
+    /// The last inflate step filled its output: the inflater may hold more output although
+    /// every compressed byte was taken, and must be asked again before reading the socket.
+    drain: bool,
+    /// Bytes inflated per step at most ([`CHUNK`]; smaller in tests).
+    step: usize,
     bytes_read: u64,
 }
 
@@ -52,6 +57,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inflater: deflate.then(|| Decompress::new(true)),
             compressed: Vec::new(),
             consumed: 0,
+            drain: false,
+            step: CHUNK,
             bytes_read: 0,
         }
     }
@@ -72,12 +79,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(f));
             }
             if let Some(inflater) = &mut self.inflater {
-                if self.consumed < self.compressed.len() {
+                if self.consumed < self.compressed.len() || self.drain {
                     let out = self.decoder.buffer_mut();
                     out.reserve(CHUNK);
                     let spare = out.capacity() - out.len();
                     let start_len = out.len();
-                    out.resize(start_len + spare.min(CHUNK), 0);
+                    let space = spare.min(self.step);
+                    out.resize(start_len + space, 0);
                     let (before_in, before_out) = (inflater.total_in(), inflater.total_out());
                     let status = inflater
                         .decompress(
@@ -88,6 +96,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         .map_err(|e| TransportError::Inflate(e.to_string()))?;
                     let produced = (inflater.total_out() - before_out) as usize;
                     out.truncate(start_len + produced);
+                    self.drain = produced == space;
                     let taken = (inflater.total_in() - before_in) as usize;
                     self.consumed += taken;
                     if self.consumed == self.compressed.len() {
@@ -233,6 +242,36 @@ mod tests {
             assert!(r.next().await.unwrap().is_none());
             writer.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn frames_whose_inflated_bytes_outgrow_one_step_arrive_without_more_input() {
+        // Pipelined frames that arrive in one read and inflate to more than one step's output:
+        // once every compressed byte is taken, the rest is inside the inflater, and no more
+        // input comes (the peer waits for replies). It must be drained, not waited for. (A
+        // small step makes this happen on every frame; with the real one it happened now and
+        // then, under load.)
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut d = Compress::new(Compression::new(6), true);
+        let mut bytes = Vec::new();
+        for serial in 1..=3 {
+            let mut plain = Vec::new();
+            encode_frame(&mut plain, serial, &[vec![b'x'; 10_000]]);
+            bytes.extend(deflate_sync(&mut d, &plain).unwrap());
+        }
+        let mut w = a;
+        w.write_all(&bytes).await.unwrap();
+        let mut r = FrameReader::new(b, LIMITS, true);
+        r.step = 1000;
+        for serial in 1..=3 {
+            let f = tokio::time::timeout(std::time::Duration::from_secs(5), r.next())
+                .await
+                .unwrap_or_else(|_| panic!("frame {serial} never decoded from what arrived"))
+                .unwrap()
+                .unwrap();
+            assert_eq!((f.serial, f.payload.len()), (serial, 10_000));
+        }
+        drop(w);
     }
 
     #[tokio::test]
