@@ -162,19 +162,7 @@ fn the_node_ingests_lines_writes_batches_serves_metrics_and_drains_on_sigterm() 
         writeln!(s, "line {i}").unwrap();
     }
     drop(s);
-    let read_all = || -> Vec<serde_json::Value> {
-        let mut v = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(&out_dir) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().ends_with(".jsonl") {
-                    for l in std::fs::read_to_string(e.path()).unwrap().lines() {
-                        v.push(serde_json::from_str(l).unwrap());
-                    }
-                }
-            }
-        }
-        v
-    };
+    let read_all = || jsonl_in(&out_dir);
     wait_until(
         "100 records in batch files",
         Duration::from_secs(30),
@@ -451,20 +439,7 @@ fn kafka_node_consumes_200_events(mode: &str) {
     )
     .unwrap();
     let node = spawn_node(&config);
-    let read_all = || -> Vec<serde_json::Value> {
-        let mut v = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(&out_dir) {
-            for e in rd.flatten() {
-                for l in std::fs::read_to_string(e.path())
-                    .unwrap_or_default()
-                    .lines()
-                {
-                    v.push(serde_json::from_str(l).unwrap());
-                }
-            }
-        }
-        v
-    };
+    let read_all = || jsonl_in(&out_dir);
     wait_until("200 events in batch files", Duration::from_secs(60), || {
         read_all().len() >= 200
     });
@@ -547,6 +522,24 @@ fn kafka_node_config(
     )
     .unwrap();
     (cfg, out)
+}
+
+/// Every record of the `jsonl` batch files in `dir` (none if it does not exist yet).
+fn jsonl_in(dir: &Path) -> Vec<serde_json::Value> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".jsonl") {
+                for l in std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    v.push(serde_json::from_str(l).unwrap());
+                }
+            }
+        }
+    }
+    v
 }
 
 fn lines_in(dir: &Path) -> Vec<String> {
@@ -823,19 +816,7 @@ fn a_flume_agent_pushes_to_the_node_and_batches_show_bodies_and_headers() {
     );
     assert_eq!(stdout.matches("-> OK").count(), 4, "{stdout}");
     // Every OK'd event is durable; the batch files show it with its headers.
-    let read_all = || -> Vec<serde_json::Value> {
-        let mut v = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(&out_dir) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().ends_with(".jsonl") {
-                    for l in std::fs::read_to_string(e.path()).unwrap().lines() {
-                        v.push(serde_json::from_str(l).unwrap());
-                    }
-                }
-            }
-        }
-        v
-    };
+    let read_all = || jsonl_in(&out_dir);
     wait_until("20 events in batch files", Duration::from_secs(30), || {
         read_all().len() == 20
     });
@@ -916,19 +897,7 @@ fn a_flume_pull_receiver_polls_a_spark_sink_and_batches_show_bodies_and_headers(
     )
     .unwrap();
     let node = spawn_node(&config);
-    let read_all = || -> Vec<serde_json::Value> {
-        let mut v = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(&out_dir) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().ends_with(".jsonl") {
-                    for l in std::fs::read_to_string(e.path()).unwrap().lines() {
-                        v.push(serde_json::from_str(l).unwrap());
-                    }
-                }
-            }
-        }
-        v
-    };
+    let read_all = || jsonl_in(&out_dir);
     wait_until("25 events in batch files", Duration::from_secs(30), || {
         read_all().len() == 25
     });
