@@ -483,6 +483,40 @@ impl fmt::Debug for DynReceiver {
     }
 }
 
+/// The address a listening receiver has bound (with the real port when it was asked for port
+/// 0), for tests and tools that need it: set while the receiver listens, `None` before and after.
+#[derive(Debug)]
+pub struct BoundAddress(watch::Sender<Option<std::net::SocketAddr>>);
+
+impl Default for BoundAddress {
+    fn default() -> Self {
+        BoundAddress(watch::Sender::new(None))
+    }
+}
+
+impl BoundAddress {
+    /// Records the bound address (`None` once the receiver stopped listening).
+    pub fn set(&self, addr: Option<std::net::SocketAddr>) {
+        self.0.send_replace(addr);
+    }
+
+    /// The bound address, if the receiver is listening now.
+    pub fn get(&self) -> Option<std::net::SocketAddr> {
+        *self.0.borrow()
+    }
+
+    /// Waits until the receiver listens and returns the address (for ever if binding keeps
+    /// failing: put a timeout around it).
+    pub async fn wait(&self) -> std::net::SocketAddr {
+        let mut rx = self.0.subscribe();
+        let addr = rx
+            .wait_for(Option::is_some)
+            .await
+            .expect("the sender lives in self");
+        addr.expect("waited for Some")
+    }
+}
+
 /// A half-open range `[from, until)` of offsets of one partition of a replayable source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OffsetRange {

@@ -41,10 +41,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout};
-use weir_receiver::{Receiver, ReceiverContext, ReceiverError};
+use weir_receiver::{BoundAddress, Receiver, ReceiverContext, ReceiverError};
 
 pub use config::{
     Mode, Protocol, SocketConfig, DEFAULT_ADDRESS, MAX_RECORD_BYTES_LIMIT, MIN_READ_BUFFER_BYTES,
@@ -69,7 +69,7 @@ pub struct ConfigError(pub String);
 #[derive(Debug)]
 pub struct SocketReceiver {
     shared: Arc<Shared>,
-    bound: watch::Sender<Option<SocketAddr>>,
+    bound: BoundAddress,
 }
 
 impl std::fmt::Debug for Shared {
@@ -92,7 +92,7 @@ impl SocketReceiver {
                 config,
                 stats: Arc::default(),
             }),
-            bound: watch::Sender::new(None),
+            bound: BoundAddress::default(),
         })
     }
 
@@ -110,18 +110,13 @@ impl SocketReceiver {
     /// 0) while `run` is listening; `None` before binding, after `run` returned, and in connect
     /// mode.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        *self.bound.borrow()
+        self.bound.get()
     }
 
     /// Listen mode: waits until `run` is listening and returns the bound address (it waits for
     /// ever in connect mode, or if binding keeps failing: put a timeout around it).
     pub async fn listening(&self) -> SocketAddr {
-        let mut rx = self.bound.subscribe();
-        let addr = rx
-            .wait_for(Option::is_some)
-            .await
-            .expect("the sender lives in self");
-        addr.expect("waited for Some")
+        self.bound.wait().await
     }
 
     async fn listen(&self, ctx: ReceiverContext) -> Result<(), ReceiverError> {
@@ -137,7 +132,7 @@ impl SocketReceiver {
             )
         })?;
         let local = listener.local_addr()?;
-        self.bound.send_replace(Some(local));
+        self.bound.set(Some(local));
         tracing::info!(
             receiver = ctx.name(),
             address = %local,
@@ -201,7 +196,7 @@ impl SocketReceiver {
         while let Some(joined) = connections.join_next().await {
             note_panic(&ctx, joined);
         }
-        self.bound.send_replace(None);
+        self.bound.set(None);
         Ok(())
     }
 

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
 use tokio::task::JoinSet;
 use tokio::time::sleep;
-use weir_receiver::{Receiver, ReceiverContext, ReceiverError};
+use weir_receiver::{BoundAddress, Receiver, ReceiverContext, ReceiverError};
 
 pub use config::{FlumeSourceConfig, DEFAULT_ADDRESS, MAX_FRAME_BYTES_LIMIT, MIN_FRAME_BYTES};
 pub use stats::FlumeSourceStats;
@@ -40,7 +40,7 @@ pub struct ConfigError(pub String);
 /// The Flume Avro push source: see the [module documentation](self).
 pub struct FlumeSourceReceiver {
     shared: Arc<Shared>,
-    bound: watch::Sender<Option<SocketAddr>>,
+    bound: BoundAddress,
 }
 
 impl std::fmt::Debug for FlumeSourceReceiver {
@@ -71,7 +71,7 @@ impl FlumeSourceReceiver {
                 stats: Arc::default(),
                 responder: avro_source_responder(),
             }),
-            bound: watch::Sender::new(None),
+            bound: BoundAddress::default(),
         })
     }
 
@@ -88,22 +88,13 @@ impl FlumeSourceReceiver {
     /// The address bound while `run` is listening (with the real port when `address` asked for
     /// port 0); `None` before and after.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        *self.bound.borrow()
+        self.bound.get()
     }
 
     /// Waits until `run` is listening and returns the bound address (for ever if binding keeps
     /// failing: put a timeout around it).
     pub async fn listening(&self) -> SocketAddr {
-        let mut rx = self.bound.subscribe();
-        loop {
-            if let Some(a) = *rx.borrow_and_update() {
-                return a;
-            }
-            if rx.changed().await.is_err() {
-                // The sender lives in self: unreachable while self is borrowed.
-                std::future::pending::<()>().await;
-            }
-        }
+        self.bound.wait().await
     }
 }
 
@@ -131,7 +122,7 @@ impl Receiver for FlumeSourceReceiver {
             )
         })?;
         let local = listener.local_addr()?;
-        self.bound.send_replace(Some(local));
+        self.bound.set(Some(local));
         tracing::info!(
             receiver = ctx.name(),
             address = %local,
@@ -186,7 +177,7 @@ impl Receiver for FlumeSourceReceiver {
         while let Some(joined) = connections.join_next().await {
             note_panic(&ctx, joined);
         }
-        self.bound.send_replace(None);
+        self.bound.set(None);
         Ok(())
     }
 }
