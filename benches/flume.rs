@@ -26,14 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use weir::receiver::{Receiver, ReceiverContext, ReceiverError, Record};
 use weir::{StreamingConfig, StreamingContext};
 use weir_flume::flume::{self, Status, AVRO_SOURCE_LEGACY};
+use weir_flume::ipc::client::Client;
 use weir_flume::ipc::frame::FrameLimits;
 use weir_flume::ipc::protocol::Protocol;
-use weir_flume::ipc::requestor::{Reply, Requestor};
-use weir_flume::ipc::transport::{FrameReader, FrameWriter};
 use weir_flume::{FlumeSourceConfig, FlumeSourceReceiver};
 
 mod common;
@@ -157,16 +155,20 @@ impl Receiver for SharedSource {
 
 /// One Flume agent's Avro sink: `appendBatch`, wait for `OK`, again.
 async fn agent(addr: std::net::SocketAddr, o: Opts, load: Arc<Load>) {
-    let s = TcpStream::connect(addr).await.expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    let (rd, wr) = s.into_split();
     let limits = FrameLimits {
         max_frame_bytes: 1 << 26,
         max_buffers: 1 << 16,
     };
-    let mut reader = FrameReader::new(rd, limits, false);
-    let mut writer = FrameWriter::new(wr, false);
-    let mut requestor = Requestor::new(Protocol::parse(AVRO_SOURCE_LEGACY).expect("protocol"));
+    let protocol = Protocol::parse(AVRO_SOURCE_LEGACY).expect("protocol");
+    let mut conn = Client::connect(
+        &addr.to_string(),
+        protocol,
+        false,
+        limits,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("connect");
     let events: Vec<(Vec<(String, String)>, Bytes)> = (0..o.events)
         .map(|i| {
             (
@@ -176,20 +178,12 @@ async fn agent(addr: std::net::SocketAddr, o: Opts, load: Arc<Load>) {
         })
         .collect();
     let params = flume::encode_append_batch(&events);
-    let mut serial = 0;
     while !load.stop.load(Relaxed) {
         let t = Instant::now();
-        let status = loop {
-            serial += 1;
-            let buffers = requestor.encode_call(flume::APPEND_BATCH, &params);
-            writer.write(serial, &buffers).await.expect("send");
-            let frame = reader.next().await.expect("read").expect("a reply");
-            match requestor.decode_reply(flume::APPEND_BATCH, frame.payload) {
-                Ok(Reply::Resend) => continue,
-                Ok(Reply::Ok(mut r)) => break Status::decode(&mut r).expect("a status"),
-                Ok(Reply::Error(e)) => panic!("error reply: {e}"),
-                Err(e) => panic!("bad reply: {e}"),
-            }
+        let status = match conn.call(flume::APPEND_BATCH, &params).await {
+            Ok(Ok(mut r)) => Status::decode(&mut r).expect("a status"),
+            Ok(Err(e)) => panic!("error reply: {e}"),
+            Err(e) => panic!("the call failed: {e}"),
         };
         if status != Status::Ok {
             eprintln!("  a call was answered {status:?}");

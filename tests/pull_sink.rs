@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use weir::sink::{PullSink, PullSinkConfig, QueueConfig};
 use weir_flume::ipc::frame::FrameLimits;
 use weir_flume::ipc::protocol::Protocol;
-use weir_flume::ipc::requestor::{Reply, Requestor};
-use weir_flume::ipc::transport::{FrameReader, FrameWriter};
 use weir_flume::spark::{self, EventBatch};
 use weir_flume::{FlumePullConfig, FlumePullReceiver, FlumeSourceConfig};
 use weir_receiver::{
@@ -105,43 +103,34 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A minimal SparkFlumeProtocol client on the crate's requestor.
-struct Client {
-    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
-    requestor: Requestor,
-    serial: i32,
-}
+/// A minimal SparkFlumeProtocol client on the crate's IPC client.
+struct Client(weir_flume::ipc::client::Client);
 
 impl Client {
     async fn connect(addr: std::net::SocketAddr) -> Client {
-        let (rd, wr) = tokio::net::TcpStream::connect(addr)
-            .await
-            .unwrap()
-            .into_split();
         let limits = FrameLimits {
             max_frame_bytes: 1 << 24,
             max_buffers: 1 << 16,
         };
-        Client {
-            reader: FrameReader::new(rd, limits, false),
-            writer: FrameWriter::new(wr, false),
-            requestor: Requestor::new(Protocol::parse(spark::SPARK_FLUME_LEGACY).unwrap()),
-            serial: 0,
-        }
+        let protocol = Protocol::parse(spark::SPARK_FLUME_LEGACY).unwrap();
+        let timeout = Duration::from_secs(30);
+        Client(
+            weir_flume::ipc::client::Client::connect(
+                &addr.to_string(),
+                protocol,
+                false,
+                limits,
+                timeout,
+            )
+            .await
+            .unwrap(),
+        )
     }
 
     async fn call(&mut self, message: &str, params: &[u8]) -> weir_flume::ipc::datum::DatumReader {
-        loop {
-            self.serial += 1;
-            let b = self.requestor.encode_call(message, params);
-            self.writer.write(self.serial, &b).await.unwrap();
-            let f = self.reader.next().await.unwrap().unwrap();
-            match self.requestor.decode_reply(message, f.payload).unwrap() {
-                Reply::Resend => continue,
-                Reply::Ok(r) => return r,
-                Reply::Error(e) => panic!("{message}: {e}"),
-            }
+        match self.0.call(message, params).await.unwrap() {
+            Ok(r) => r,
+            Err(e) => panic!("{message}: {e}"),
         }
     }
 

@@ -263,10 +263,9 @@ fn flume_producer(
     done_sending: Arc<AtomicBool>,
 ) -> Result<(), String> {
     use weir_flume::flume::{self, Status, AVRO_SOURCE_LEGACY};
+    use weir_flume::ipc::client::Client;
     use weir_flume::ipc::frame::FrameLimits;
     use weir_flume::ipc::protocol::Protocol;
-    use weir_flume::ipc::requestor::{Reply, Requestor};
-    use weir_flume::ipc::transport::{FrameReader, FrameWriter};
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -276,23 +275,18 @@ fn flume_producer(
     rt.block_on(async move {
         let mut pending: Vec<u64> = Vec::new();
         while !stop.load(SeqCst) {
-            let Ok(Ok(conn)) =
-                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-                    .await
-            else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            };
-            let _ = conn.set_nodelay(true);
-            let (rd, wr) = conn.into_split();
             let limits = FrameLimits {
                 max_frame_bytes: 1 << 24,
                 max_buffers: 1 << 12,
             };
-            let mut reader = FrameReader::new(rd, limits, false);
-            let mut writer = FrameWriter::new(wr, false);
-            let mut requestor = Requestor::new(protocol.clone());
-            let mut serial = 0;
+            let timeout = Duration::from_secs(10);
+            let address = addr.to_string();
+            let Ok(mut conn) =
+                Client::connect(&address, protocol.clone(), false, limits, timeout).await
+            else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
             loop {
                 if stop.load(SeqCst) {
                     return Ok(());
@@ -311,22 +305,10 @@ fn flume_producer(
                     .map(|id| (Vec::new(), bytes::Bytes::from(record(*id))))
                     .collect();
                 let params = flume::encode_append_batch(&events);
-                let status = tokio::time::timeout(Duration::from_secs(10), async {
-                    loop {
-                        serial += 1;
-                        let buffers = requestor.encode_call(flume::APPEND_BATCH, &params);
-                        writer.write(serial, &buffers).await.ok()?;
-                        let frame = reader.next().await.ok()??;
-                        match requestor.decode_reply(flume::APPEND_BATCH, frame.payload) {
-                            Ok(Reply::Resend) => continue,
-                            Ok(Reply::Ok(mut r)) => return Status::decode(&mut r).ok(),
-                            Ok(Reply::Error(_)) | Err(_) => return None,
-                        }
-                    }
-                })
-                .await
-                .ok()
-                .flatten();
+                let status = match conn.call(flume::APPEND_BATCH, &params).await {
+                    Ok(Ok(mut r)) => Status::decode(&mut r).ok(),
+                    Ok(Err(_)) | Err(_) => None,
+                };
                 match status {
                     Some(Status::Ok) => {
                         let mut l = lock(&ledger);
