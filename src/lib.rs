@@ -25,6 +25,7 @@
 
 pub mod batch;
 pub mod block;
+pub mod identity;
 pub mod inspect;
 pub mod node;
 pub mod rate;

@@ -649,7 +649,7 @@ fn the_node_produces_its_batches_to_a_kafka_topic_with_keys_and_headers() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+            "data_dir = {:?}\nnode_id = \"kafka-out-1\"\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
              [[receiver]]\nname = \"in\"\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g\"\ntopics = [\"in\"]\n\
              [[output]]\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ntopic = \"out\"\ndelivery_timeout_ms = 5000\n\
              [metrics]\naddress = \"127.0.0.1:{mport}\"\n",
@@ -679,10 +679,15 @@ fn the_node_produces_its_batches_to_a_kafka_topic_with_keys_and_headers() {
             seen.len()
         );
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            let n = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "n").map(|h| text(h.value)))
-                .unwrap_or_default();
+            let header = |k: &str| {
+                m.headers()
+                    .and_then(|h| h.iter().find(|h| h.key == k).map(|h| text(h.value)))
+            };
+            let n = header("n").unwrap_or_default();
+            // Which node produced it, and in which batch (a batch time on the clock's grid).
+            assert_eq!(header("weir.node").as_deref(), Some("kafka-out-1"));
+            let time: u64 = header("weir.batch_time").unwrap().parse().unwrap();
+            assert_eq!(time % 200, 0, "batch time {time}");
             seen.push((text(m.payload()), text(m.key()), n));
         }
     }
@@ -925,4 +930,219 @@ fn a_flume_pull_receiver_polls_a_spark_sink_and_batches_show_bodies_and_headers(
     assert!(status.success(), "{status}");
     let _ = sink.kill();
     let _ = sink.wait();
+}
+
+/// A `frames` producer: sends `prefix-<i>` for i in `0..total` in chunks, reads the node's
+/// cumulative acknowledgements, reconnects after a broken connection (the node was killed) and
+/// resends whatever was not acknowledged. Returns the records acknowledged, in order.
+fn frames_producer(
+    port: u16,
+    prefix: &str,
+    total: usize,
+    acked_count: &std::sync::atomic::AtomicUsize,
+) -> Vec<String> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let records: Vec<String> = (0..total).map(|i| format!("{prefix}-{i}")).collect();
+    let mut next = 0; // the first record not acknowledged yet
+    let t0 = Instant::now();
+    let mut conn: Option<TcpStream> = None;
+    while next < total {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{prefix}: only {next} of {total} acknowledged"
+        );
+        let Some(s) = conn.as_mut() else {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    conn = Some(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+            continue;
+        };
+        // One chunk on a fresh count: acknowledgements count this connection's records.
+        let chunk = &records[next..(next + 100).min(total)];
+        let mut frames = Vec::new();
+        for r in chunk {
+            frames.extend_from_slice(&(r.len() as u32).to_be_bytes());
+            frames.extend_from_slice(r.as_bytes());
+        }
+        let mut ok = s.write_all(&frames).is_ok();
+        let mut acked = 0usize;
+        while ok && acked < chunk.len() {
+            let mut b = [0u8; 8];
+            match s.read_exact(&mut b) {
+                Ok(()) => acked = u64::from_be_bytes(b) as usize,
+                Err(_) => ok = false,
+            }
+        }
+        next += acked.min(chunk.len());
+        acked_count.store(next, SeqCst);
+        // A fresh connection per chunk keeps the cumulative count simple to reason about.
+        conn = None;
+        if !ok {
+            std::thread::sleep(Duration::from_millis(50));
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    records
+}
+
+/// Every `jsonl` record in `dir`'s batch files, as (file node id, record node, payload).
+fn shared_records(dir: &Path) -> Vec<(String, String, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // batch-<16 digits>-<node>.jsonl
+        let Some(node) = name
+            .strip_prefix("batch-")
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .map(|n| n[17..].to_string())
+        else {
+            continue;
+        };
+        for l in std::fs::read_to_string(e.path()).unwrap().lines() {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.push((
+                node.clone(),
+                r["node"].as_str().unwrap().to_string(),
+                r["payload"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    v
+}
+
+#[test]
+fn two_nodes_sharing_an_output_directory_keep_every_acknowledged_record_across_a_kill() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared-out");
+    let write_config = |name: &str, node_id: Option<&str>, data: &str, port: u16| {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        let id = node_id.map_or(String::new(), |i| format!("node_id = \"{i}\"\n"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\n{id}[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\
+                 [[receiver]]\nname = \"frames\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"frames\"\n\
+                 [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"jsonl\"\n[metrics]\nenabled = false\n",
+                dir.path().join(data).display().to_string(),
+                shared.display().to_string()
+            ),
+        )
+        .unwrap();
+        cfg
+    };
+    // a: the default id (host name and data directory); b: a configured one.
+    let (port_a, port_b) = (free_port(), free_port());
+    let cfg_a = write_config("a", None, "data-a", port_a);
+    let cfg_b = write_config("b", Some("node-b"), "data-b", port_b);
+    let mut a = spawn_node(&cfg_a);
+    let b = spawn_node(&cfg_b);
+    let (acked_a, acked_b) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let total = 3000;
+    let (sent_a, sent_b) = std::thread::scope(|s| {
+        let pa = s.spawn(|| frames_producer(port_a, "a", total, &acked_a));
+        let pb = s.spawn(|| frames_producer(port_b, "b", total, &acked_b));
+        // Kill a in the middle of its stream (no drain), then start it again.
+        wait_until(
+            "a third of a's records acknowledged",
+            Duration::from_secs(60),
+            || acked_a.load(SeqCst) >= total / 3,
+        );
+        a.0.kill().unwrap();
+        a.0.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        a = spawn_node(&cfg_a);
+        (pa.join().unwrap(), pb.join().unwrap())
+    });
+    assert_eq!((acked_a.load(SeqCst), acked_b.load(SeqCst)), (total, total));
+    let id_a = String::from_utf8(
+        Command::new(NODE)
+            .arg("check-config")
+            .arg(&cfg_a)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let id_a = id_a
+        .lines()
+        .find_map(|l| l.strip_prefix("node_id = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("check-config prints the effective node_id")
+        .to_string();
+    assert!(id_a.contains('-') && id_a != "node-b", "{id_a}");
+    // Every acknowledged record of both nodes reaches the shared directory, in files named
+    // (and records tagged) by the node that ran the batch.
+    wait_until(
+        "every acknowledged record in the shared directory",
+        Duration::from_secs(60),
+        || {
+            let have: std::collections::HashSet<String> = shared_records(&shared)
+                .into_iter()
+                .map(|(_, _, p)| p)
+                .collect();
+            sent_a.iter().chain(&sent_b).all(|r| have.contains(r))
+        },
+    );
+    let recs = shared_records(&shared);
+    for (file_node, node, payload) in &recs {
+        assert_eq!(file_node, node, "{payload}");
+        let want = if payload.starts_with("a-") {
+            &id_a
+        } else {
+            "node-b"
+        };
+        assert_eq!(node, want, "{payload}");
+    }
+    // The nodes' batch times coincide (the same clock grid): both files exist side by side.
+    let times = |id: &str| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(&shared)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(&format!("-{id}.jsonl")))
+            .map(|n| n[6..22].to_string())
+            .collect()
+    };
+    assert!(
+        times(&id_a).intersection(&times("node-b")).next().is_some(),
+        "no batch time written by both nodes: {:?} {:?}",
+        times(&id_a),
+        times("node-b")
+    );
+    // Each node claimed its id in the directory.
+    for id in [id_a.as_str(), "node-b"] {
+        let claim = shared.join(format!(".weir-node-{id}.json"));
+        let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&claim).unwrap()).unwrap();
+        assert_eq!(c["node_id"], id);
+    }
+
+    // A third node configured with a's id by mistake (its own data directory) refuses to start,
+    // and says why and how to resolve it; nothing it could write reaches the directory.
+    let cfg_c = write_config("c", Some(&id_a), "data-c", free_port());
+    let out = Command::new(NODE)
+        .args(["run", "--config"])
+        .arg(&cfg_c)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("node_id \"{id_a}\" is already used in"))
+            && err.contains("data-a")
+            && err.contains("data-c")
+            && err.contains("set a different top-level `node_id`"),
+        "{err}"
+    );
+    sigterm(&a.0);
+    sigterm(&b.0);
+    for mut n in [a, b] {
+        let status = wait_exit(&mut n, Duration::from_secs(30), "no exit after SIGTERM");
+        assert!(status.success(), "{status}");
+    }
 }

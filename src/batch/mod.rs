@@ -31,6 +31,7 @@ pub struct Batch {
     times: Arc<[u64]>,
     blocks: Arc<[BlockRef]>,
     source: Arc<BlockSource>,
+    node_id: Arc<str>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -50,13 +51,23 @@ impl Batch {
         times: Arc<[u64]>,
         blocks: Arc<[BlockRef]>,
         source: Arc<BlockSource>,
+        node_id: Arc<str>,
     ) -> Self {
         Batch {
             time,
             times,
             blocks,
             source,
+            node_id,
         }
+    }
+
+    /// The node that runs this batch ([`StreamingConfig::node_id`](crate::StreamingConfig::node_id),
+    /// or its default). Batch times coincide across nodes: an output that several nodes may
+    /// share must key what it writes by batch time **and** node id, or one node's batch
+    /// replaces another's.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     /// The batch time, ms since the Unix epoch (a multiple of the batch interval, normally).

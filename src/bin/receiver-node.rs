@@ -185,8 +185,29 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                     return ExitCode::from(EXIT_ERROR);
                 }
             }
-            println!("# {}: valid. Effective configuration:", file.display());
-            print!("{}", c.to_toml());
+            // The id the node would run under (nothing is written here).
+            let identity = match weir::identity::peek(&c.data_dir, c.node_id.as_deref()) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!(
+                        "receiver-node: configuration error: {}: {e}",
+                        file.display()
+                    );
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            };
+            let mut c = c;
+            c.node_id = Some(identity.node_id.clone());
+            let text = format!(
+                "# {}: valid. Effective configuration:\n# node_id {:?}: {} (names this node's \
+                 batch files, tags its jsonl records and Kafka headers)\n{}",
+                file.display(),
+                identity.node_id,
+                identity.source,
+                c.to_toml()
+            );
+            // `check-config FILE | head` closes the pipe early: not an error of ours.
+            let _ = io::stdout().write_all(text.as_bytes());
             ExitCode::from(EXIT_OK)
         }
         Err(code) => code,

@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! data_dir = "weir-data/node"          # WAL under data_dir/wal, tracker in data_dir/tracker.redb
+//! node_id = "ingest-1"                 # names and tags this node's batches; default <host>-<hash of data_dir>
 //!
 //! [engine]                             # StreamingConfig: every key optional
 //! batch_interval_ms = 1000
@@ -65,7 +66,12 @@ format = "lines"
 pub struct NodeConfig {
     /// Where the WAL and the tracker live.
     pub data_dir: PathBuf,
-    /// The engine's settings.
+    /// This node's name in output file names, `jsonl` records and Kafka headers (see
+    /// [`crate::identity`]). `None`: the default (recorded in `data_dir`, else derived from the
+    /// host name and the data directory). Passed to the engine as `engine.node_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// The engine's settings (`engine.node_id` is always `None` here: it is set top-level).
     pub engine: StreamingConfig,
     /// The receivers, in file order.
     #[serde(rename = "receiver")]
@@ -124,9 +130,12 @@ pub enum OutputFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OutputConfig {
-    /// One file per batch in `path`, named by batch time (`batch-<ms since epoch>.txt` or
-    /// `.jsonl`), written atomically (temp file, fsync, rename, fsync directory); a re-run batch
-    /// rewrites the same file with the same contents. Empty batches write no file.
+    /// One file per batch in `path`, named by batch time and node
+    /// (`batch-<ms since epoch, 16 digits>-<node_id>.txt` or `.jsonl`), written atomically (temp
+    /// file, fsync, rename, fsync directory); a re-run batch rewrites the same file with the same
+    /// contents. Empty batches write no file. At start the node claims its `node_id` in the
+    /// directory (`.weir-node-<node_id>.json`) and refuses to start if another data directory
+    /// holds that claim, so nodes sharing the directory never overwrite each other's batches.
     Dir {
         /// The directory (created if missing).
         path: PathBuf,
@@ -204,6 +213,7 @@ impl Default for LogConfig {
 #[serde(deny_unknown_fields)]
 struct Raw {
     data_dir: Option<PathBuf>,
+    node_id: Option<String>,
     #[serde(default)]
     engine: StreamingConfig,
     #[serde(default)]
@@ -340,10 +350,17 @@ impl NodeConfig {
             }
             receivers.push(ReceiverSpec { name, kind });
         }
+        if raw.engine.node_id.is_some() {
+            return Err(err(
+                "[engine] node_id: set `node_id` at the top level of the file (before any table)"
+                    .into(),
+            ));
+        }
         let config = NodeConfig {
             data_dir: raw
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("weir-data/node")),
+            node_id: raw.node_id,
             engine: raw.engine,
             receivers,
             outputs: raw.output,
@@ -355,6 +372,9 @@ impl NodeConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(id) = &self.node_id {
+            crate::identity::validate_node_id(id).map_err(|e| format!("node_id {id:?}: {e}"))?;
+        }
         self.engine
             .validate()
             .map_err(|e| format!("[engine] {e}"))?;
@@ -471,6 +491,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_connections must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn node_id_is_top_level_checked_and_printed_back() {
+        let t = format!("node_id = \"edge-1\"\n{EMBEDDED_DEFAULT}");
+        let c = NodeConfig::parse(&t, "f").unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("edge-1"));
+        assert_eq!(c.engine.node_id, None);
+        let printed = c.to_toml();
+        assert!(printed.contains("node_id = \"edge-1\""), "{printed}");
+        assert_eq!(
+            NodeConfig::parse(&printed, "printed").unwrap().node_id,
+            c.node_id
+        );
+        // Unset: the default is resolved at start (and shown by check-config).
+        assert_eq!(
+            NodeConfig::parse(EMBEDDED_DEFAULT, "f").unwrap().node_id,
+            None
+        );
+
+        let e = NodeConfig::parse(&t.replace("edge-1", "edge/1"), "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node_id \"edge/1\"") && e.contains("'/'"), "{e}");
+        let e = NodeConfig::parse(
+            &format!("{EMBEDDED_DEFAULT}\n[engine]\nnode_id = \"x\"\n"),
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("top level"), "{e}");
     }
 
     #[test]

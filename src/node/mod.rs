@@ -52,7 +52,13 @@ pub fn init_logging(log: &config::LogConfig) {
 /// [`NodeError::Startup`] if a receiver refuses its configuration, [`NodeError::Config`] if an
 /// output does.
 pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
-    let mut ctx = StreamingContext::new(config.engine.clone(), &config.data_dir);
+    // The identity first: every `dir` output claims it before it writes anything, and a node
+    // whose id another data directory already claimed there does not start.
+    let identity = crate::identity::resolve(&config.data_dir, config.node_id.as_deref())
+        .map_err(identity_error)?;
+    let mut engine = config.engine.clone();
+    engine.node_id = Some(identity.node_id.clone());
+    let mut ctx = StreamingContext::new(engine, &config.data_dir);
     for r in &config.receivers {
         match &r.kind {
             ReceiverKind::Socket(c) => {
@@ -90,7 +96,19 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
     // Every output is built here, once (a Kafka output's producer lives as long as the node).
     for (i, o) in config.outputs.iter().enumerate() {
         let out = output::Output::new(o)
-            .map_err(|e| NodeError::Config(format!("[[output]] #{}: {e}", i + 1)))?;
+            .map_err(|e| NodeError::Config(format!("[[output]] #{}: {e}", i + 1)))?
+            .claiming(identity.clone());
+        match out.claim() {
+            Ok(()) => {}
+            Err(e @ crate::identity::IdentityError::Claimed(_)) => return Err(identity_error(e)),
+            // A directory not writable yet (a mount not there yet): not a reason to refuse to
+            // start; the output claims before its first write, and fails that batch (retried)
+            // until it can.
+            Err(e) => tracing::warn!(
+                output = i + 1, error = %e,
+                "cannot claim the node id in the output directory yet: retried before the first write"
+            ),
+        }
         let name = format!("output {} ({})", i + 1, out.describe());
         let out = Arc::new(out);
         if out.kafka().is_some() {
@@ -102,6 +120,15 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         });
     }
     Ok(ctx)
+}
+
+/// A refused or conflicting id is a configuration error (exit 2); I/O errors are not.
+fn identity_error(e: crate::identity::IdentityError) -> NodeError {
+    use crate::identity::IdentityError as E;
+    match e {
+        E::Invalid { .. } | E::Claimed(_) => NodeError::Config(e.to_string()),
+        _ => NodeError::Startup(e.to_string()),
+    }
 }
 
 /// Runs the node until SIGTERM/SIGINT (graceful: stop receivers, persist pending blocks, finish

@@ -3,12 +3,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use weir_kafka::{KafkaOutput, KafkaOutputError};
 use weir_receiver::Record;
 
 use super::config::{OutputConfig, OutputFormat};
 use crate::batch::{Batch, BatchError};
+use crate::identity::{Identity, IdentityError};
 use crate::tracker::BlockRef;
 
 /// Why an output failed (the batch is then retried, never marked complete).
@@ -30,6 +32,9 @@ pub enum OutputError {
     /// Producing to Kafka failed.
     #[error(transparent)]
     Kafka(#[from] KafkaOutputError),
+    /// The node's id could not be claimed in a `dir` output (see [`crate::identity`]).
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutputError + 'a {
@@ -40,20 +45,30 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> O
     }
 }
 
-/// The file a `dir` output writes batch `time` to.
-pub fn batch_file_name(time: u64, format: OutputFormat) -> String {
+/// The file a `dir` output of node `node_id` writes batch `time` to:
+/// `batch-<time, 16 digits>-<node_id>.<txt|jsonl>`. Batch times coincide across nodes (they are
+/// multiples of the batch interval), so the node id is what keeps nodes sharing a directory from
+/// replacing each other's files; the time comes first so that names sort by time.
+pub fn batch_file_name(time: u64, node_id: &str, format: OutputFormat) -> String {
     let ext = match format {
         OutputFormat::Lines => "txt",
         OutputFormat::Jsonl => "jsonl",
     };
-    format!("batch-{time:016}.{ext}")
+    format!("batch-{time:016}-{node_id}.{ext}")
 }
 
-/// Writes one record in `format`.
+/// The Kafka output's header naming the node that produced a record.
+pub const NODE_HEADER: &str = "weir.node";
+/// The Kafka output's header holding the record's batch time (decimal ms since the epoch):
+/// with [`NODE_HEADER`], the key a consumer can deduplicate a re-run batch on.
+pub const BATCH_TIME_HEADER: &str = "weir.batch_time";
+
+/// Writes one record in `format`; `jsonl` names the receiver and the node.
 pub fn write_record(
     out: &mut dyn Write,
     format: OutputFormat,
     receiver: &str,
+    node_id: &str,
     r: &Record,
 ) -> io::Result<()> {
     match format {
@@ -64,6 +79,8 @@ pub fn write_record(
         OutputFormat::Jsonl => {
             out.write_all(b"{\"receiver\":")?;
             serde_json::to_writer(&mut *out, receiver)?;
+            out.write_all(b",\"node\":")?;
+            serde_json::to_writer(&mut *out, node_id)?;
             write_bytes_field(out, "payload", &r.payload)?;
             if let Some(k) = &r.key {
                 write_bytes_field(out, "key", k)?;
@@ -133,9 +150,10 @@ fn write_batch(
     batch: &Batch,
     format: OutputFormat,
 ) -> Result<(), OutputError> {
+    let node_id = batch.node_id();
     batch.for_each_block(|block: &BlockRef, records| {
         for r in records {
-            write_record(out, format, &block.receiver, &r)
+            write_record(out, format, &block.receiver, node_id, &r)
                 .map_err(io_err("write", Path::new("<output>")))?;
         }
         Ok::<(), OutputError>(())
@@ -148,6 +166,8 @@ fn write_batch(
 pub struct Output {
     config: OutputConfig,
     kafka: Option<KafkaOutput>,
+    /// The node whose id a `dir` output claims before its first write, and whether it has.
+    claim: Option<(Identity, AtomicBool)>,
 }
 
 impl Output {
@@ -163,7 +183,35 @@ impl Output {
         Ok(Output {
             config: config.clone(),
             kafka,
+            claim: None,
         })
+    }
+
+    /// Makes a `dir` output claim `identity`'s node id in its directory before it writes
+    /// anything (see [`crate::identity::claim_dir`]); [`claim`](Self::claim) tries at once.
+    #[must_use]
+    pub fn claiming(mut self, identity: Identity) -> Self {
+        self.claim = Some((identity, AtomicBool::new(false)));
+        self
+    }
+
+    /// Claims the node id in a `dir` output's directory, unless done already (a no-op for
+    /// other outputs, or without [`claiming`](Self::claiming)).
+    ///
+    /// # Errors
+    /// [`IdentityError::Claimed`] if another node holds the id there; I/O errors (the output
+    /// then tries again before its next write).
+    pub fn claim(&self) -> Result<(), IdentityError> {
+        let (OutputConfig::Dir { path, .. }, Some((identity, done))) = (&self.config, &self.claim)
+        else {
+            return Ok(());
+        };
+        if done.load(Relaxed) {
+            return Ok(());
+        }
+        crate::identity::claim_dir(path, identity)?;
+        done.store(true, Relaxed);
+        Ok(())
     }
 
     /// The configuration it was built from.
@@ -206,10 +254,17 @@ impl Output {
             // An empty batch writes no file: a file per idle second helps nobody, and a re-run
             // of an empty batch is empty too.
             (OutputConfig::Dir { .. }, _) if batch.is_empty() => Ok(()),
-            (OutputConfig::Dir { path, format }, _) => write_dir(path, batch, *format),
+            (OutputConfig::Dir { path, format }, _) => {
+                self.claim()?;
+                write_dir(path, batch, *format)
+            }
             (OutputConfig::Kafka(_), _) if batch.is_empty() => Ok(()),
             (OutputConfig::Kafka(_), Some(kafka)) => {
-                let mut delivery = kafka.batch()?;
+                let time = batch.time().to_string();
+                let mut delivery = kafka.batch()?.with_headers(&[
+                    (NODE_HEADER, batch.node_id().as_bytes()),
+                    (BATCH_TIME_HEADER, time.as_bytes()),
+                ]);
                 batch.for_each_block(|_, records| {
                     for r in records {
                         delivery.send(&r)?;
@@ -231,7 +286,7 @@ impl Output {
 /// and a re-run writes the same name with the same contents.
 fn write_dir(dir: &Path, batch: &Batch, format: OutputFormat) -> Result<(), OutputError> {
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-    let name = batch_file_name(batch.time(), format);
+    let name = batch_file_name(batch.time(), batch.node_id(), format);
     let tmp = dir.join(format!(".{name}.tmp"));
     let dest = dir.join(&name);
     let file = OpenOptions::new()
@@ -286,15 +341,28 @@ mod tests {
     }
 
     #[test]
+    fn batch_files_are_named_by_time_then_node() {
+        assert_eq!(
+            batch_file_name(1_700_000_000_000, "edge-2", OutputFormat::Jsonl),
+            "batch-0001700000000000-edge-2.jsonl"
+        );
+        assert_eq!(
+            batch_file_name(5, "a", OutputFormat::Lines),
+            "batch-0000000000000005-a.txt"
+        );
+    }
+
+    #[test]
     fn jsonl_carries_payload_key_headers_position_and_receiver() {
         let r = Record::new("a \"quoted\"\nline")
             .with_key(vec![0xff, 0x00])
             .with_header("h", "v")
             .with_position(Position::offset("t", 3, 42));
         let mut out = Vec::new();
-        write_record(&mut out, OutputFormat::Jsonl, "recv", &r).unwrap();
+        write_record(&mut out, OutputFormat::Jsonl, "recv", "n-1", &r).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["receiver"], "recv");
+        assert_eq!(v["node"], "n-1");
         assert_eq!(v["payload"], "a \"quoted\"\nline");
         assert_eq!(v["key_base64"], "/wA=");
         assert_eq!(v["headers"]["h"], "v");
@@ -302,7 +370,14 @@ mod tests {
         assert_eq!(v["position"]["partition"], 3);
         assert_eq!(v["position"]["offset"], 42);
         let mut out = Vec::new();
-        write_record(&mut out, OutputFormat::Lines, "recv", &Record::new("x")).unwrap();
+        write_record(
+            &mut out,
+            OutputFormat::Lines,
+            "recv",
+            "n-1",
+            &Record::new("x"),
+        )
+        .unwrap();
         assert_eq!(out, b"x\n");
     }
 }

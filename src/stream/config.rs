@@ -21,6 +21,14 @@ pub enum ClockMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamingConfig {
+    /// This node's name in what it writes (output file names, `jsonl` records, Kafka headers;
+    /// see [`Batch::node_id`](crate::Batch::node_id)), so that nodes sharing a destination never
+    /// overwrite each other's batches. 1 to 64 characters of `A-Z a-z 0-9 . _ -`. Default: the
+    /// id recorded in the data directory at an earlier start, else `<host name>-<hash of the
+    /// absolute data directory>` (recorded then; see [`crate::identity`]); on custom storage
+    /// ([`StreamingContext::with_storage`](super::StreamingContext::with_storage)) the host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     /// Time between batches, ms. Default 1000.
     pub batch_interval_ms: u64,
     /// A receiver's records are cut into a block at least this often, ms. Default 200. This bounds
@@ -60,6 +68,7 @@ pub struct StreamingConfig {
 impl Default for StreamingConfig {
     fn default() -> Self {
         StreamingConfig {
+            node_id: None,
             batch_interval_ms: 1000,
             block_interval_ms: 200,
             block_max_bytes: 4 << 20,
@@ -93,6 +102,9 @@ impl StreamingConfig {
             ),
             ("job_retry_initial_ms", self.job_retry_initial_ms),
         ];
+        if let Some(id) = &self.node_id {
+            crate::identity::validate_node_id(id).map_err(|e| format!("node_id {id:?}: {e}"))?;
+        }
         for (name, v) in positive {
             if v == 0 {
                 return Err(format!("{name} must be greater than 0"));

@@ -60,6 +60,9 @@ pub enum EngineError {
     /// The tracker failed.
     #[error(transparent)]
     Tracker(#[from] TrackerError),
+    /// The node's identity could not be established (see [`crate::identity`]).
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// Recovery found something it cannot resolve on its own.
     #[error("recovery: {0}")]
     Recovery(String),
@@ -340,7 +343,9 @@ impl StreamingContext {
                 )
             })
             .collect();
+        tracing::info!(node_id = %rec.node_id, "node identity");
         let engine = Arc::new(Engine {
+            node_id: rec.node_id.clone(),
             config: config.clone(),
             wal: wal.clone(),
             tracker: Mutex::new(Some(rec.tracker)),
@@ -438,6 +443,8 @@ struct Schedule {
 }
 
 struct Engine {
+    /// The effective `node_id` (given to every batch).
+    node_id: Arc<str>,
     config: StreamingConfig,
     wal: Arc<Wal>,
     /// Taken (closed) by a graceful stop, so that the file is free when `stop` returns.
@@ -843,6 +850,7 @@ impl Engine {
             Arc::from(times),
             Arc::from(blocks),
             self.source.clone(),
+            self.node_id.clone(),
         )
     }
 
@@ -914,7 +922,13 @@ impl Engine {
             tracing::error!(batch = t, "batch to process is not remembered");
             return false;
         };
-        let batch = Batch::new(t, Arc::from([t]), blocks.clone(), self.source.clone());
+        let batch = Batch::new(
+            t,
+            Arc::from([t]),
+            blocks.clone(),
+            self.source.clone(),
+            self.node_id.clone(),
+        );
         for job in &self.jobs {
             let view = if job.window > 1 {
                 self.window(t, job.window)
@@ -1002,6 +1016,11 @@ impl std::fmt::Debug for RunningContext {
 }
 
 impl RunningContext {
+    /// The effective `node_id` (see [`StreamingConfig::node_id`]).
+    pub fn node_id(&self) -> &str {
+        &self.engine.node_id
+    }
+
     /// Every metric of the engine, its receivers and its WAL.
     pub fn metrics(&self) -> MetricsRegistry {
         MetricsRegistry {

@@ -25,6 +25,8 @@ pub(crate) struct Recovered {
     pub(crate) unallocated: Unallocated,
     pub(crate) checkpoints: BTreeMap<String, Checkpoint>,
     pub(crate) report: RecoveryReport,
+    /// The effective `node_id`.
+    pub(crate) node_id: Arc<str>,
 }
 
 pub(crate) fn recover(
@@ -34,20 +36,26 @@ pub(crate) fn recover(
     metrics: &Metrics,
 ) -> Result<Recovered, EngineError> {
     let t0 = Instant::now();
-    let (wal, report, tracker) = match storage {
+    let (wal, report, tracker, node_id) = match storage {
         StorageChoice::Dir(dir) => {
             let wal_dir = dir.join("wal");
             std::fs::create_dir_all(&wal_dir).map_err(|e| {
                 EngineError::Recovery(format!("creating {}: {e}", wal_dir.display()))
             })?;
             let (wal, report) = Wal::open_dir(&wal_dir, config.wal.clone())?;
+            // After the WAL's directory lock: one process at a time records the identity.
+            let identity = crate::identity::resolve(&dir, config.node_id.as_deref())?;
             let tracker = Tracker::open(&dir.join("tracker.redb"), report.records == 0)?;
-            (wal, report, tracker)
+            (wal, report, tracker, identity.node_id)
         }
         StorageChoice::Custom { wal, tracker } => {
             let (wal, report) = Wal::open(wal, config.wal.clone())?;
             let tracker = tracker(report.records == 0)?;
-            (wal, report, tracker)
+            let node_id = config
+                .node_id
+                .clone()
+                .unwrap_or_else(crate::identity::host_name);
+            (wal, report, tracker, node_id)
         }
     };
     let wal = Arc::new(wal);
@@ -159,5 +167,6 @@ pub(crate) fn recover(
         unallocated,
         checkpoints,
         report,
+        node_id: Arc::from(node_id),
     })
 }

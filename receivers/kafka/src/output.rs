@@ -319,6 +319,7 @@ impl KafkaOutput {
             attempt: Arc::default(),
             sent: 0,
             last_enqueued: Instant::now(),
+            extra_headers: Vec::new(),
         })
     }
 
@@ -356,9 +357,21 @@ pub struct BatchDelivery<'o> {
     attempt: Arc<Attempt>,
     sent: u64,
     last_enqueued: Instant,
+    /// Headers added to every record of the batch, after the record's own.
+    extra_headers: Vec<(String, Vec<u8>)>,
 }
 
 impl BatchDelivery<'_> {
+    /// Adds `headers` to every record this delivery sends, after the record's own (e.g. the
+    /// node and batch time, so that consumers can tell where a record came from and
+    /// deduplicate a re-run batch).
+    #[must_use]
+    pub fn with_headers(mut self, headers: &[(&str, &[u8])]) -> Self {
+        self.extra_headers
+            .extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())));
+        self
+    }
+
     /// Hands one record (payload, key, headers) to the producer. When librdkafka's local queue
     /// is full it serves delivery reports and tries again, for up to `delivery_timeout_ms`.
     ///
@@ -378,12 +391,18 @@ impl BatchDelivery<'_> {
         if let Some(k) = &r.key {
             record = record.key(&k[..]);
         }
-        if !r.headers.is_empty() {
-            let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
+        if !r.headers.is_empty() || !self.extra_headers.is_empty() {
+            let mut h = OwnedHeaders::new_with_capacity(r.headers.len() + self.extra_headers.len());
             for header in &r.headers {
                 h = h.insert(Header {
                     key: header.name.as_str(),
                     value: Some(&header.value[..]),
+                });
+            }
+            for (key, value) in &self.extra_headers {
+                h = h.insert(Header {
+                    key,
+                    value: Some(&value[..]),
                 });
             }
             record = record.headers(h);
