@@ -30,6 +30,7 @@ pub mod inspect;
 pub mod node;
 pub mod rate;
 pub mod sink;
+pub mod space;
 pub mod stream;
 pub mod tracker;
 pub mod wal;

@@ -29,18 +29,44 @@ const FORMAT_VERSION: u32 = 1;
 /// The first bytes of every complete redb file (written last when redb creates one).
 const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
 
-/// A tracker failure. The engine treats these as fatal: it stops rather than guess.
+/// A tracker failure. The engine treats these as fatal (it stops rather than guess), except
+/// for a full disk ([`TrackerError::is_no_space`]): then it waits, reopens the database and
+/// tries again.
 #[derive(Debug, thiserror::Error)]
 #[error("tracker {what}: {detail}")]
 pub struct TrackerError {
     what: &'static str,
     detail: String,
+    no_space: bool,
+}
+
+impl TrackerError {
+    /// An I/O error at step `what`.
+    pub fn from_io(what: &'static str, e: &std::io::Error) -> TrackerError {
+        io_error(what, e.to_string(), e)
+    }
+
+    /// True if the disk was full (`ENOSPC`, `EDQUOT`). redb then refuses every further
+    /// operation on this database (`PreviousIo`): it must be closed and opened again, which
+    /// brings back the state of the last successful commit (see the module docs).
+    pub fn is_no_space(&self) -> bool {
+        self.no_space
+    }
 }
 
 fn err(what: &'static str) -> impl FnOnce(redb::Error) -> TrackerError {
     move |e| TrackerError {
         what,
+        no_space: matches!(&e, redb::Error::Io(io) if crate::space::is_no_space_io(io)),
         detail: e.to_string(),
+    }
+}
+
+fn io_error(what: &'static str, detail: String, e: &std::io::Error) -> TrackerError {
+    TrackerError {
+        what,
+        detail,
+        no_space: crate::space::is_no_space_io(e),
     }
 }
 
@@ -48,6 +74,7 @@ fn enc_err(what: &'static str) -> impl FnOnce(postcard::Error) -> TrackerError {
     move |e| TrackerError {
         what,
         detail: e.to_string(),
+        no_space: false,
     }
 }
 
@@ -202,10 +229,7 @@ impl Tracker {
     /// [`TrackerError`] if the file cannot be opened (e.g. another process has it open) or is
     /// damaged.
     pub fn open(path: &Path, first_start: bool) -> Result<Tracker> {
-        let io = |e: std::io::Error| TrackerError {
-            what: "open",
-            detail: format!("{}: {e}", path.display()),
-        };
+        let io = |e: std::io::Error| io_error("open", format!("{}: {e}", path.display()), &e);
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -221,9 +245,12 @@ impl Tracker {
                 f.sync_all().map_err(io)?;
             }
         }
-        let db = Database::create(path).map_err(|e| TrackerError {
-            what: "open",
-            detail: format!("{}: {e}", path.display()),
+        let db = Database::create(path).map_err(|e| {
+            let e = redb::Error::from(e);
+            TrackerError {
+                detail: format!("{}: {e}", path.display()),
+                ..err("open")(e)
+            }
         })?;
         Tracker::init(db)
     }
@@ -234,10 +261,7 @@ impl Tracker {
     /// # Errors
     /// [`TrackerError`] if the database cannot be opened or is damaged.
     pub fn open_backend(backend: impl redb::StorageBackend, first_start: bool) -> Result<Tracker> {
-        let io = |e: std::io::Error| TrackerError {
-            what: "open",
-            detail: e.to_string(),
-        };
+        let io = |e: std::io::Error| io_error("open", e.to_string(), &e);
         let len = backend.len().map_err(io)?;
         if len > 0 {
             let mut head = [0u8; REDB_MAGIC.len()];
@@ -259,6 +283,7 @@ impl Tracker {
         if !first_start {
             return Err(TrackerError {
                 what: "open",
+                no_space: false,
                 detail: format!(
                     "{what} has no database header although the WAL holds data: the tracker is \
                      damaged; refusing to reset it (move it away to start over, which re-processes \
@@ -272,6 +297,10 @@ impl Tracker {
 
     fn init(db: Database) -> Result<Tracker> {
         let t = Tracker { db };
+        if t.is_initialised()? {
+            // Nothing to write: opening an existing tracker needs no disk space.
+            return Ok(t);
+        }
         let tx = t.db.begin_write().map_err(|e| err("begin")(e.into()))?;
         {
             let mut meta = tx
@@ -290,6 +319,7 @@ impl Tracker {
                 Some(v) => {
                     return Err(TrackerError {
                         what: "open",
+                        no_space: false,
                         detail: format!(
                         "tracker format {v:?} is not the one this build writes ({FORMAT_VERSION})"
                     ),
@@ -305,6 +335,31 @@ impl Tracker {
         }
         tx.commit().map_err(|e| err("commit")(e.into()))?;
         Ok(t)
+    }
+
+    /// True if every table exists and the format is this build's (checked without writing).
+    fn is_initialised(&self) -> Result<bool> {
+        let tx = self.db.begin_read().map_err(|e| err("begin")(e.into()))?;
+        let meta = match tx.open_table(META) {
+            Ok(m) => m,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(err("open table")(e.into())),
+        };
+        let format_ok = meta
+            .get(FORMAT)
+            .map_err(|e| err("read")(e.into()))?
+            .is_some_and(|v| v.value() == FORMAT_VERSION.to_le_bytes());
+        if !format_ok {
+            return Ok(false);
+        }
+        let exists = |r: std::result::Result<(), redb::TableError>| match r {
+            Ok(()) => Ok(true),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(e) => Err(err("open table")(e.into())),
+        };
+        Ok(exists(tx.open_table(BATCHES).map(drop))?
+            && exists(tx.open_table(CHECKPOINTS).map(drop))?
+            && exists(tx.open_table(DIRECT).map(drop))?)
     }
 
     /// Reads everything.

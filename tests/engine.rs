@@ -401,7 +401,10 @@ fn sample_max(
 async fn a_slow_disk_makes_store_wait_with_bounded_memory_and_no_loss() {
     let sim = SimStorage::new();
     sim.set_sync_delay(Duration::from_millis(20));
-    let tracker = sim.redb_backend("tracker.redb").unwrap();
+    let tracker = {
+        let sim = sim.clone();
+        move || sim.redb_backend("tracker.redb")
+    };
     let config = StreamingConfig {
         block_max_bytes: 16 << 10,
         max_pending_bytes: 64 << 10,

@@ -243,10 +243,8 @@ fn config() -> StreamingConfig {
 
 impl World {
     fn context(&mut self) -> StreamingContext {
-        let tracker = self
-            .sim
-            .redb_backend("tracker.redb")
-            .expect("tracker backend");
+        let sim = self.sim.clone();
+        let tracker = move || sim.redb_backend("tracker.redb");
         self.fence = Arc::new(AtomicBool::new(false));
         let storage = Fenced {
             sim: self.sim.clone(),

@@ -200,10 +200,11 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             c.node_id = Some(identity.node_id.clone());
             let text = format!(
                 "# {}: valid. Effective configuration:\n# node_id {:?}: {} (names this node's \
-                 batch files, tags its jsonl records and Kafka headers)\n{}",
+                 batch files, tags its jsonl records and Kafka headers)\n{}{}",
                 file.display(),
                 identity.node_id,
                 identity.source,
+                floor_note(&c),
                 c.to_toml()
             );
             // `check-config FILE | head` closes the pipe early: not an error of ours.
@@ -211,6 +212,29 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_OK)
         }
         Err(code) => code,
+    }
+}
+
+/// A comment line on the free-space floor as it applies to the data directory's file system
+/// now (the directory itself, or its nearest existing parent).
+fn floor_note(c: &NodeConfig) -> String {
+    let min = c.engine.wal.min_free_bytes;
+    if min == 0 {
+        return "# free-space floor: off (engine.wal.min_free_bytes = 0)\n".into();
+    }
+    let mut dir = std::path::absolute(&c.data_dir).unwrap_or_else(|_| c.data_dir.clone());
+    while !dir.exists() && dir.pop() {}
+    match weir::space::disk_space(&dir) {
+        Ok(s) => format!(
+            "# free-space floor: {} bytes (the smaller of engine.wal.min_free_bytes = {min} and 5% \
+             of the {} bytes of the file system holding {}; {} bytes free now): below it, \
+             store() waits\n",
+            weir::space::floor(min, s.total),
+            s.total,
+            dir.display(),
+            s.available
+        ),
+        Err(e) => format!("# free-space floor: unknown ({}: {e})\n", dir.display()),
     }
 }
 

@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 endpoint: `GET /metrics` (Prometheus text format) and `GET /health`
-//! (200 once recovery is done, 503 before and after a failure). Nothing else is served.
+//! (200 `ok` once recovery is done, 200 `degraded: ...` while writes wait for disk space, 503
+//! before and after a failure). Nothing else is served.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -84,7 +85,18 @@ async fn handle(mut stream: TcpStream, status: SharedStatus) -> std::io::Result<
             "/health" => match (&s.failure, &s.metrics, s.stopping) {
                 (Some(f), _, _) => (503, format!("failed: {f}\n"), "text/plain"),
                 (None, _, true) => (503, "stopping\n".to_string(), "text/plain"),
-                (None, Some(_), false) => (200, "ok\n".to_string(), "text/plain"),
+                (None, Some(m), false) => match m.waiting_for_space().as_slice() {
+                    [] => (200, "ok\n".to_string(), "text/plain"),
+                    // Alive and recovering by itself: not a reason to restart the node.
+                    places => (
+                        200,
+                        format!(
+                            "degraded: waiting for disk space ({}); nothing new is acknowledged until space is freed\n",
+                            places.join(", ")
+                        ),
+                        "text/plain",
+                    ),
+                },
                 (None, None, false) => (503, "recovering\n".to_string(), "text/plain"),
             },
             _ => (

@@ -54,8 +54,16 @@ pub fn init_logging(log: &config::LogConfig) {
 pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
     // The identity first: every `dir` output claims it before it writes anything, and a node
     // whose id another data directory already claimed there does not start.
-    let identity = crate::identity::resolve(&config.data_dir, config.node_id.as_deref())
-        .map_err(identity_error)?;
+    let identity = loop {
+        match crate::identity::resolve(&config.data_dir, config.node_id.as_deref()) {
+            // Only at the first start (the identity is written once): wait for space.
+            Err(e) if crate::space::is_no_space(&e) => {
+                tracing::error!(error = %e, "disk full recording the node identity: waiting for space");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            r => break r.map_err(identity_error)?,
+        }
+    };
     let mut engine = config.engine.clone();
     engine.node_id = Some(identity.node_id.clone());
     let mut ctx = StreamingContext::new(engine, &config.data_dir);
@@ -157,7 +165,19 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         outputs = config.outputs.len(), fsync = %config.engine.wal.fsync,
         "receiver-node starting (recovery first)"
     );
-    let running = context(&config)?.start().await?;
+    // Recovery waits for disk space rather than failing on a full disk; a signal meanwhile
+    // ends the wait (nothing was acknowledged yet in this run, and the WAL is as it was).
+    let running = tokio::select! {
+        r = context(&config)?.start() => r?,
+        _ = term.recv() => {
+            tracing::info!("SIGTERM during recovery: exiting");
+            return Ok(());
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT during recovery: exiting");
+            return Ok(());
+        }
+    };
     lock(&status).metrics = Some(running.metrics());
     tracing::info!("ready");
     let mut check = tokio::time::interval(Duration::from_millis(200));

@@ -283,25 +283,40 @@ impl Output {
 }
 
 /// Temp file, fsync, rename, fsync the directory: a reader sees the whole batch file or none,
-/// and a re-run writes the same name with the same contents.
+/// and a re-run writes the same name with the same contents. A failed attempt removes its temp
+/// file (on a full disk, that is the space the retry needs).
 fn write_dir(dir: &Path, batch: &Batch, format: OutputFormat) -> Result<(), OutputError> {
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let name = batch_file_name(batch.time(), batch.node_id(), format);
     let tmp = dir.join(format!(".{name}.tmp"));
     let dest = dir.join(&name);
+    let written = write_file(dir, batch, format, &tmp, &dest);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_file(
+    dir: &Path,
+    batch: &Batch,
+    format: OutputFormat,
+    tmp: &Path,
+    dest: &Path,
+) -> Result<(), OutputError> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
+        .open(tmp)
+        .map_err(io_err("create", tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     match write_batch(&mut out, batch, format) {
         Ok(()) => {}
         Err(OutputError::Io { what, source, .. }) => {
             return Err(OutputError::Io {
                 what,
-                path: tmp,
+                path: tmp.to_path_buf(),
                 source,
             })
         }
@@ -310,10 +325,10 @@ fn write_dir(dir: &Path, batch: &Batch, format: OutputFormat) -> Result<(), Outp
     let file = out
         .into_inner()
         .map_err(|e| e.into_error())
-        .map_err(io_err("write", &tmp))?;
-    file.sync_all().map_err(io_err("fsync", &tmp))?;
+        .map_err(io_err("write", tmp))?;
+    file.sync_all().map_err(io_err("fsync", tmp))?;
     drop(file);
-    std::fs::rename(&tmp, &dest).map_err(io_err("rename into", &dest))?;
+    std::fs::rename(tmp, dest).map_err(io_err("rename into", dest))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync directory", dir))?;

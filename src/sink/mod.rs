@@ -154,13 +154,19 @@ impl PullSink {
     pub async fn start(config: PullSinkConfig) -> Result<PullSink, SinkError> {
         config.validate().map_err(SinkError::Config)?;
         let dir = config.data_dir.join("queue");
-        let wal_config = config.wal.clone();
+        // The floor is the queue's (pushes are refused below it), not the log writer's: acks
+        // must still be written when space is short, as they are what frees it.
+        let min_free = config.wal.min_free_bytes;
+        let wal_config = WalConfig {
+            min_free_bytes: 0,
+            ..config.wal.clone()
+        };
         let queue_config = config.queue.clone();
         let queue = tokio::task::spawn_blocking(move || {
             let (wal, report) =
                 Wal::open_dir(&dir, wal_config).map_err(|e| format!("{}: {e}", dir.display()))?;
             tracing::info!(?report, "pull sink: queue log opened");
-            SinkQueue::open(wal, queue_config)
+            SinkQueue::open(wal, queue_config).map(|q| q.with_min_free_bytes(min_free))
         })
         .await
         .map_err(|e| SinkError::Queue(e.to_string()))?

@@ -110,6 +110,10 @@ pub struct QueueStats {
     pub ignored: AtomicU64,
     /// Events found again when the queue was opened.
     pub events_recovered: AtomicU64,
+    /// 1 while pushes are refused because free space is below the floor (gauge).
+    pub below_floor: AtomicU64,
+    /// Pushes refused because free space was below the floor (counter).
+    pub pushes_refused_floor: AtomicU64,
 }
 
 struct Held {
@@ -142,6 +146,8 @@ pub struct SinkQueue {
     stopping: AtomicBool,
     seq_prefix: String,
     stats: QueueStats,
+    /// The free-space floor for pushes (see [`SinkQueue::with_min_free_bytes`]).
+    min_free_bytes: u64,
 }
 
 impl std::fmt::Debug for SinkQueue {
@@ -241,9 +247,60 @@ impl SinkQueue {
             stopping: AtomicBool::new(false),
             seq_prefix: format!("{nanos:x}{:x}-", std::process::id()),
             stats,
+            min_free_bytes: 0,
         };
         q.cleanup();
         Ok(q)
+    }
+
+    /// Refuses pushes while free space on the log's file system is below the floor (the
+    /// smaller of `min_free_bytes` and 5 % of the file system; 0: no floor). Acks are never
+    /// refused: recording them is what lets the queue delete segments and free space. Open the
+    /// log itself with `min_free_bytes = 0`, or its writer would hold the acks back too.
+    #[must_use]
+    pub fn with_min_free_bytes(mut self, min_free_bytes: u64) -> Self {
+        self.min_free_bytes = min_free_bytes;
+        self
+    }
+
+    /// 1 while writes of the queue wait for disk space or pushes are refused below the floor.
+    pub fn waiting_for_space(&self) -> u64 {
+        self.wal.metrics().snapshot().waiting_for_space | self.stats.below_floor.load(Relaxed)
+    }
+
+    /// Err with a message while free space is below the floor.
+    fn check_floor(&self) -> Result<(), StoreError> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let Ok(Some(space)) = self.wal.space() else {
+            return Ok(());
+        };
+        let floor = crate::space::floor(self.min_free_bytes, space.total);
+        if space.available >= floor {
+            if self.stats.below_floor.swap(0, Relaxed) == 1 {
+                tracing::warn!(
+                    available = space.available,
+                    floor,
+                    "pull sink: free space is above the floor again; accepting pushes"
+                );
+            }
+            return Ok(());
+        }
+        self.stats.pushes_refused_floor.fetch_add(1, Relaxed);
+        if self.stats.below_floor.swap(1, Relaxed) == 0 {
+            tracing::error!(
+                available = space.available,
+                floor,
+                "pull sink: free disk space is below the floor (wal.min_free_bytes): pushes are \
+                 answered FAILED (senders retry) until space is freed; acks go on"
+            );
+        }
+        Err(StoreError::Storage(format!(
+            "the pull sink's disk is below its free-space floor ({} bytes free, floor {floor}); \
+             retry later",
+            space.available
+        )))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -277,6 +334,7 @@ impl SinkQueue {
             return Ok(0);
         }
         let bytes: u64 = records.iter().map(size).sum();
+        self.check_floor()?;
         let (first, reserved, fut) = {
             let mut s = self.lock();
             if self.stopping.load(Relaxed) {

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub(crate) direct_records_read: AtomicU64,
     pub(crate) direct_plan_failures: AtomicU64,
     pub(crate) direct_read_failures: AtomicU64,
+    /// Where the engine waits for disk space (tracker, outputs, recovery).
+    pub(crate) space: crate::space::SpaceWaits,
     receivers: Mutex<BTreeMap<String, Arc<ReceiverMetrics>>>,
     collectors: Collectors,
 }
@@ -217,6 +219,30 @@ impl MetricsRegistry {
     /// Adds samples from outside the engine to every reading (e.g. a Kafka receiver's lag).
     pub fn add_collector(&self, collector: Collector) {
         self.engine.add_collector(collector);
+    }
+
+    /// Every place that can wait for disk space, with 1 while it does.
+    pub fn waiting_places(&self) -> Vec<(&'static str, u64)> {
+        let w = self.wal.snapshot();
+        let mut v = vec![
+            ("wal", w.waiting_for_space),
+            ("free_space_floor", w.below_floor),
+        ];
+        v.extend(
+            crate::space::Place::ALL
+                .iter()
+                .map(|p| (p.label(), self.engine.space.waiting(*p))),
+        );
+        v
+    }
+
+    /// The places waiting for disk space now (empty when none).
+    pub fn waiting_for_space(&self) -> Vec<&'static str> {
+        self.waiting_places()
+            .into_iter()
+            .filter(|(_, w)| *w > 0)
+            .map(|(p, _)| p)
+            .collect()
     }
 
     /// Reads everything.
@@ -521,6 +547,38 @@ impl MetricsRegistry {
             ),
         ] {
             push(name, help, kind, Vec::new(), v);
+        }
+        for (place, waiting) in self.waiting_places() {
+            push(
+                "weir_waiting_for_space",
+                "1 while writes at this place wait for disk space (wal, free_space_floor, tracker, output, recovery).",
+                G,
+                vec![("place", place.to_string())],
+                waiting,
+            );
+        }
+        for place in crate::space::Place::ALL {
+            push(
+                "weir_space_retries_total",
+                "Writes retried because the disk was full (tracker, output, recovery; the WAL's are weir_wal_enospc_retries_total).",
+                C,
+                vec![("place", place.label().to_string())],
+                e.space.retries(place),
+            );
+        }
+        for (name, help, v) in [
+            (
+                "weir_free_space_floor_bytes",
+                "The WAL's free-space floor on its file system (0: none or unknown).",
+                w.floor_bytes,
+            ),
+            (
+                "weir_disk_available_bytes",
+                "Free bytes on the WAL's file system at the last check (0: unknown).",
+                w.available_bytes,
+            ),
+        ] {
+            push(name, help, G, Vec::new(), v);
         }
         let collectors = self
             .engine

@@ -31,6 +31,7 @@ use crate::block::{
     now_ms, BlockCache, BlockSource, BlockWriter, Generator, GeneratorLimits, Host, DIRECT_SEGMENT,
 };
 use crate::rate::{PidRateEstimator, RateLimiter};
+use crate::space::Place;
 use crate::tracker::{BlockRef, Commit, DirectRange, Tracker, TrackerError};
 use crate::wal::{lock, CleanupThreshold, Storage, Wal, WalError, WalPosition};
 pub use config::{ClockMode, StreamingConfig};
@@ -66,6 +67,9 @@ pub enum EngineError {
     /// Recovery found something it cannot resolve on its own.
     #[error("recovery: {0}")]
     Recovery(String),
+    /// A step is waiting for disk space (not fatal: nothing is lost, try again later).
+    #[error("waiting for disk space: {0}")]
+    NoSpace(String),
     /// The engine stopped after a fatal error (storage, tracker); restart it to recover.
     #[error("the engine failed: {0}")]
     Failed(String),
@@ -80,8 +84,10 @@ pub enum EngineError {
     },
 }
 
+/// Opens the tracker; the argument is `first_start` (see [`Tracker::open`]). Called again to
+/// reopen it after a failed commit (redb refuses every operation after an I/O error).
 pub(crate) type TrackerOpener =
-    Box<dyn FnOnce(bool) -> Result<Tracker, TrackerError> + Send + 'static>;
+    Arc<dyn Fn(bool) -> Result<Tracker, TrackerError> + Send + Sync + 'static>;
 
 pub(crate) enum StorageChoice {
     Dir(PathBuf),
@@ -150,18 +156,23 @@ impl StreamingContext {
         }
     }
 
-    /// A context on custom storage: the WAL on `wal`, the tracker on a redb storage backend
-    /// (e.g. both on [`SimStorage`](crate::wal::sim::SimStorage) for crash tests).
-    pub fn with_storage(
-        config: StreamingConfig,
-        wal: Arc<dyn Storage>,
-        tracker: impl redb::StorageBackend,
-    ) -> Self {
+    /// A context on custom storage: the WAL on `wal`, the tracker on the redb storage backend
+    /// that `tracker` opens (e.g. both on [`SimStorage`](crate::wal::sim::SimStorage) for crash
+    /// tests: `move || sim.redb_backend("tracker.redb")`). `tracker` is called again to reopen
+    /// the database after a commit failed for lack of space.
+    pub fn with_storage<B, F>(config: StreamingConfig, wal: Arc<dyn Storage>, tracker: F) -> Self
+    where
+        B: redb::StorageBackend,
+        F: Fn() -> std::io::Result<B> + Send + Sync + 'static,
+    {
         StreamingContext {
             config,
             storage: StorageChoice::Custom {
                 wal,
-                tracker: Box::new(move |first| Tracker::open_backend(tracker, first)),
+                tracker: Arc::new(move |first| {
+                    let backend = tracker().map_err(|e| TrackerError::from_io("open", &e))?;
+                    Tracker::open_backend(backend, first)
+                }),
             },
             receivers: Vec::new(),
             direct: Vec::new(),
@@ -349,6 +360,9 @@ impl StreamingContext {
             config: config.clone(),
             wal: wal.clone(),
             tracker: Mutex::new(Some(rec.tracker)),
+            tracker_broken: AtomicBool::new(false),
+            reopen: rec.reopen,
+            pending_alloc: Mutex::new(None),
             writer: writer.clone(),
             source,
             cache,
@@ -442,6 +456,35 @@ struct Schedule {
     allocated_end: WalPosition,
 }
 
+/// Why a step of batch processing (a job, a direct read) failed.
+struct StepError {
+    message: String,
+    /// The disk was full: retried like any failure, but shown as waiting for space.
+    no_space: bool,
+}
+
+impl From<String> for StepError {
+    fn from(message: String) -> Self {
+        StepError {
+            message,
+            no_space: false,
+        }
+    }
+}
+
+/// A batch allocation on its way to the tracker (kept as it is while a commit waits for space).
+struct PendingAlloc {
+    time: u64,
+    blocks: Arc<[BlockRef]>,
+    end: WalPosition,
+    checkpoints: BTreeMap<Arc<str>, Checkpoint>,
+    ranges: Vec<DirectRange>,
+    positions: Vec<(Arc<str>, Checkpoint)>,
+    /// The completion part of the last commit attempt.
+    completed_through: Option<u64>,
+    forget_before: Option<u64>,
+}
+
 struct Engine {
     /// The effective `node_id` (given to every batch).
     node_id: Arc<str>,
@@ -449,6 +492,12 @@ struct Engine {
     wal: Arc<Wal>,
     /// Taken (closed) by a graceful stop, so that the file is free when `stop` returns.
     tracker: Mutex<Option<Tracker>>,
+    /// Set when a commit failed for lack of space: the tracker must be reopened.
+    tracker_broken: AtomicBool,
+    /// Opens the tracker again.
+    reopen: TrackerOpener,
+    /// An allocation whose commit failed for lack of space, tried again as it is.
+    pending_alloc: Mutex<Option<PendingAlloc>>,
     writer: Arc<BlockWriter>,
     source: Arc<BlockSource>,
     cache: Arc<BlockCache>,
@@ -508,68 +557,161 @@ impl Engine {
 
     /// Allocates every durable, unallocated block to a new batch, commits, cleans up, and queues
     /// the batch. Blocking (tracker fsync): call from a blocking thread.
-    fn allocate(&self) -> Result<u64, EngineError> {
+    ///
+    /// A commit that fails for lack of disk space is not fatal: the allocation is kept as it is
+    /// (same time, same blocks) and tried again at the next call, after the tracker is reopened
+    /// (redb refuses every operation after an I/O error). Returns `Ok(None)` while waiting.
+    fn allocate(&self) -> Result<Option<u64>, EngineError> {
         if let Some(f) = self.failed() {
             return Err(EngineError::Failed(f));
         }
         let _commit = lock(&self.commit_lock);
-        let (ranges, positions) = self.plan_direct();
-        let (time, blocks, end, checkpoints) = {
-            let s = lock(&self.schedule);
-            let time = self.next_time(s.last_time);
-            let mut u = lock(&self.writer.unallocated);
-            let blocks: Arc<[BlockRef]> = Arc::from(std::mem::take(&mut u.blocks));
-            let end = u.end.unwrap_or(s.allocated_end).max(s.allocated_end);
-            let checkpoints = std::mem::take(&mut u.checkpoints);
-            self.metrics.unallocated_blocks.store(0, Relaxed);
-            (time, blocks, end, checkpoints)
+        if self.tracker_broken.load(Relaxed) && !self.reopen_tracker()? {
+            return Ok(None);
+        }
+        let mut p = match lock(&self.pending_alloc).take() {
+            Some(p) => p,
+            None => self.next_allocation(),
         };
         let completed = *self.completed.borrow();
-        let (persisted, forget_before) = {
+        {
             let s = lock(&self.schedule);
-            (s.persisted_completed, self.forget_before(&s, completed))
-        };
-        let cps: Vec<(&str, &weir_receiver::Checkpoint)> = checkpoints
+            p.completed_through = completed.filter(|c| Some(*c) > s.persisted_completed);
+            p.forget_before = self.forget_before(&s, completed);
+        }
+        let cps: Vec<(&str, &weir_receiver::Checkpoint)> = p
+            .checkpoints
             .iter()
             .map(|(k, v)| (&**k, v))
-            .chain(positions.iter().map(|(k, v)| (&**k, v)))
+            .chain(p.positions.iter().map(|(k, v)| (&**k, v)))
             .collect();
         let commit = Commit {
-            allocate: Some((time, &blocks, end)),
-            direct: &ranges,
-            completed_through: completed.filter(|c| Some(*c) > persisted),
+            allocate: Some((p.time, &p.blocks, p.end)),
+            direct: &p.ranges,
+            completed_through: p.completed_through,
             checkpoints: cps,
-            forget_before,
+            forget_before: p.forget_before,
         };
         let committed = match &*lock(&self.tracker) {
-            Some(t) => t.commit(&commit).map_err(|e| e.to_string()),
-            None => Err("the engine has stopped".to_string()),
+            Some(t) => t.commit(&commit),
+            None => {
+                let msg = "the engine has stopped".to_string();
+                return Err(EngineError::Failed(msg));
+            }
         };
-        if let Err(e) = committed {
-            let msg = format!("allocating batch {time}: {e}");
-            self.fail(msg.clone());
-            return Err(EngineError::Failed(msg));
+        drop(commit);
+        match committed {
+            Ok(()) => {
+                self.metrics.space.succeeded(Place::Tracker);
+                let time = p.time;
+                self.allocated(p);
+                Ok(Some(time))
+            }
+            Err(e) if e.is_no_space() => {
+                self.metrics
+                    .space
+                    .failed(Place::Tracker, &format!("allocating batch {}: {e}", p.time));
+                self.tracker_broken.store(true, Relaxed);
+                *lock(&self.pending_alloc) = Some(p);
+                Ok(None)
+            }
+            Err(e) => {
+                let msg = format!("allocating batch {}: {e}", p.time);
+                self.fail(msg.clone());
+                Err(EngineError::Failed(msg))
+            }
         }
+    }
+
+    /// Takes every durable, unallocated block (and the direct sources' next ranges) into a new
+    /// allocation; not recorded anywhere until committed.
+    fn next_allocation(&self) -> PendingAlloc {
+        let (ranges, positions) = self.plan_direct();
+        let s = lock(&self.schedule);
+        let time = self.next_time(s.last_time);
+        let mut u = lock(&self.writer.unallocated);
+        let blocks: Arc<[BlockRef]> = Arc::from(std::mem::take(&mut u.blocks));
+        let end = u.end.unwrap_or(s.allocated_end).max(s.allocated_end);
+        let checkpoints = std::mem::take(&mut u.checkpoints);
+        self.metrics.unallocated_blocks.store(0, Relaxed);
+        PendingAlloc {
+            time,
+            blocks,
+            end,
+            checkpoints,
+            ranges,
+            positions,
+            completed_through: None,
+            forget_before: None,
+        }
+    }
+
+    /// Applies a committed allocation: remembers the batch, cleans up, queues it.
+    fn allocated(&self, p: PendingAlloc) {
         self.metrics.tracker_commits.fetch_add(1, Relaxed);
         self.metrics.batches_allocated.fetch_add(1, Relaxed);
-        if !positions.is_empty() {
-            lock(&self.direct_positions).extend(positions);
+        if !p.positions.is_empty() {
+            lock(&self.direct_positions).extend(p.positions);
         }
         {
             let mut s = lock(&self.schedule);
-            s.batches.insert(time, blocks);
-            if !ranges.is_empty() {
-                let ranges: Arc<[DirectRange]> = Arc::from(ranges);
-                s.ranges.insert(time, ranges.clone());
-                s.unfetched.insert(time, ranges);
+            s.batches.insert(p.time, p.blocks);
+            if !p.ranges.is_empty() {
+                let ranges: Arc<[DirectRange]> = Arc::from(p.ranges);
+                s.ranges.insert(p.time, ranges.clone());
+                s.unfetched.insert(p.time, ranges);
             }
-            s.last_time = Some(time);
-            s.allocated_end = end;
-            s.persisted_completed = completed.max(s.persisted_completed);
-            self.forget_and_clean(&mut s, forget_before);
+            s.last_time = Some(p.time);
+            s.allocated_end = p.end;
+            s.persisted_completed = p.completed_through.max(s.persisted_completed);
+            self.forget_and_clean(&mut s, p.forget_before);
         }
-        self.enqueue(time);
-        Ok(time)
+        self.enqueue(p.time);
+    }
+
+    /// Closes and reopens the tracker after a commit failed for lack of space. True once it is
+    /// open again; false while there is still no space (redb's recovery of a database whose
+    /// last commit failed may need to write). A pending allocation that the failed commit did
+    /// make durable after all (it failed after redb switched to it) is applied as committed.
+    fn reopen_tracker(&self) -> Result<bool, EngineError> {
+        // redb holds the file until the database is dropped: close it first.
+        lock(&self.tracker).take();
+        let reopened = (self.reopen)(false).and_then(|t| t.load().map(|state| (t, state)));
+        let (tracker, state) = match reopened {
+            Ok(x) => x,
+            Err(e) if e.is_no_space() => {
+                self.metrics
+                    .space
+                    .failed(Place::Tracker, &format!("reopening the tracker: {e}"));
+                return Ok(false);
+            }
+            Err(e) => {
+                let msg = format!("reopening the tracker after a full disk: {e}");
+                self.fail(msg.clone());
+                return Err(EngineError::Failed(msg));
+            }
+        };
+        tracing::info!("tracker reopened after a full disk");
+        *lock(&self.tracker) = Some(tracker);
+        self.tracker_broken.store(false, Relaxed);
+        let landed = lock(&self.pending_alloc)
+            .as_ref()
+            .is_some_and(|p| state.batches.contains_key(&p.time));
+        if landed {
+            let p = lock(&self.pending_alloc).take().expect("checked above");
+            tracing::info!(
+                batch = p.time,
+                "the allocation whose commit failed was durable after all"
+            );
+            let mut p = p;
+            p.completed_through = state.completed_through;
+            self.allocated(p);
+        }
+        {
+            let mut s = lock(&self.schedule);
+            s.persisted_completed = state.completed_through.max(s.persisted_completed);
+        }
+        Ok(true)
     }
 
     /// Asks every direct source for the next batch's ranges. A source that cannot plan (its
@@ -703,19 +845,29 @@ impl Engine {
         t: u64,
         what: &str,
         failures: &std::sync::atomic::AtomicU64,
-        attempt: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+        attempt: Arc<dyn Fn() -> Result<(), StepError> + Send + Sync>,
     ) -> bool {
         let mut delay = Duration::from_millis(self.config.job_retry_initial_ms);
         let mut failures_while_stopping = 0;
         loop {
             let a = attempt.clone();
-            let err = match tokio::task::spawn_blocking(move || a()).await {
-                Ok(Ok(())) => return true,
-                Ok(Err(e)) => e,
-                Err(e) => format!("panicked: {e}"),
+            let (err, no_space) = match tokio::task::spawn_blocking(move || a()).await {
+                Ok(Ok(())) => {
+                    self.metrics.space.succeeded(Place::Output);
+                    return true;
+                }
+                Ok(Err(e)) => (e.message, e.no_space),
+                Err(e) => (format!("panicked: {e}"), false),
             };
             failures.fetch_add(1, Relaxed);
-            tracing::error!(batch = t, step = what, error = %err, retry_in_ms = delay.as_millis() as u64, "batch step failed; retrying it on the same batch");
+            if no_space {
+                // Logged once as an error, then as a reminder, while the episode lasts.
+                self.metrics
+                    .space
+                    .failed(Place::Output, &format!("batch {t}, {what}: {err}"));
+            } else {
+                tracing::error!(batch = t, step = what, error = %err, retry_in_ms = delay.as_millis() as u64, "batch step failed; retrying it on the same batch");
+            }
             if self.stopping.load(Relaxed) {
                 failures_while_stopping += 1;
                 if failures_while_stopping >= 3 {
@@ -763,12 +915,31 @@ impl Engine {
         if completed <= persisted {
             return Ok(());
         }
+        let no_space = |e: &dyn std::fmt::Display| {
+            tracing::warn!(
+                error = %e,
+                "the final tracker commit waits for disk space: not waiting during a stop; the \
+                 batches completed since the last commit run again at the next start"
+            );
+        };
+        if self.tracker_broken.load(Relaxed) && !self.reopen_tracker()? {
+            no_space(&"the tracker could not be reopened");
+            return Ok(());
+        }
         if let Some(t) = &*lock(&self.tracker) {
-            t.commit(&Commit {
+            match t.commit(&Commit {
                 completed_through: completed,
                 forget_before,
                 ..Commit::default()
-            })?;
+            }) {
+                Ok(()) => {}
+                Err(e) if e.is_no_space() => {
+                    self.tracker_broken.store(true, Relaxed);
+                    no_space(&e);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         self.metrics.tracker_commits.fetch_add(1, Relaxed);
         let mut s = lock(&self.schedule);
@@ -912,7 +1083,7 @@ impl Engine {
         let t0 = Instant::now();
         if !self.direct.is_empty() {
             let e = self.clone();
-            let read = Arc::new(move || e.fetch_direct(t));
+            let read = Arc::new(move || e.fetch_direct(t).map_err(StepError::from));
             let failures = &self.metrics.direct_read_failures;
             if !self.retry(t, "reading direct ranges", failures, read).await {
                 return false;
@@ -936,7 +1107,12 @@ impl Engine {
                 batch.clone()
             };
             let f = job.f.clone();
-            let run = Arc::new(move || f(&view).map_err(|e| e.to_string()));
+            let run = Arc::new(move || {
+                f(&view).map_err(|e| StepError {
+                    no_space: crate::space::is_no_space(&*e),
+                    message: e.to_string(),
+                })
+            });
             let what = format!("job {}", job.name);
             if !self.retry(t, &what, &self.metrics.job_failures, run).await {
                 return false;
@@ -1043,7 +1219,9 @@ impl RunningContext {
     /// way batches happen with [`ClockMode::Manual`]; also usable with the interval clock.
     ///
     /// # Errors
-    /// [`EngineError::Failed`] if the engine failed before the batch completed.
+    /// [`EngineError::Failed`] if the engine failed before the batch completed;
+    /// [`EngineError::NoSpace`] if the tracker could not record the batch for lack of disk space
+    /// (nothing is lost: the same allocation is tried again at the next call).
     pub async fn run_batch(&self) -> Result<u64, EngineError> {
         for (_, g) in &self.engine.generators {
             g.cut();
@@ -1053,6 +1231,11 @@ impl RunningContext {
         let t = tokio::task::spawn_blocking(move || e.allocate())
             .await
             .map_err(|e| EngineError::Failed(format!("allocation panicked: {e}")))??;
+        let Some(t) = t else {
+            return Err(EngineError::NoSpace(
+                "the tracker's commit is waiting for disk space; call run_batch again".into(),
+            ));
+        };
         self.wait_completed(t).await?;
         Ok(t)
     }
@@ -1108,7 +1291,8 @@ impl RunningContext {
             let _ = h.await;
         }
         e.stopping.store(true, Relaxed);
-        let has_unallocated = !lock(&e.writer.unallocated).blocks.is_empty();
+        let has_unallocated =
+            !lock(&e.writer.unallocated).blocks.is_empty() || lock(&e.pending_alloc).is_some();
         if has_unallocated && e.failed().is_none() {
             let e2 = e.clone();
             let _ = tokio::task::spawn_blocking(move || e2.allocate()).await;

@@ -27,6 +27,8 @@ pub(crate) struct Recovered {
     pub(crate) report: RecoveryReport,
     /// The effective `node_id`.
     pub(crate) node_id: Arc<str>,
+    /// Opens the tracker again (after a commit failed for lack of space).
+    pub(crate) reopen: super::TrackerOpener,
 }
 
 pub(crate) fn recover(
@@ -36,7 +38,7 @@ pub(crate) fn recover(
     metrics: &Metrics,
 ) -> Result<Recovered, EngineError> {
     let t0 = Instant::now();
-    let (wal, report, tracker, node_id) = match storage {
+    let (wal, report, tracker, node_id, reopen) = match storage {
         StorageChoice::Dir(dir) => {
             let wal_dir = dir.join("wal");
             std::fs::create_dir_all(&wal_dir).map_err(|e| {
@@ -44,18 +46,25 @@ pub(crate) fn recover(
             })?;
             let (wal, report) = Wal::open_dir(&wal_dir, config.wal.clone())?;
             // After the WAL's directory lock: one process at a time records the identity.
-            let identity = crate::identity::resolve(&dir, config.node_id.as_deref())?;
-            let tracker = Tracker::open(&dir.join("tracker.redb"), report.records == 0)?;
-            (wal, report, tracker, identity.node_id)
+            let identity = wait_for_space(metrics, "recording the node identity", || {
+                crate::identity::resolve(&dir, config.node_id.as_deref())
+            })?;
+            let path = dir.join("tracker.redb");
+            let reopen: super::TrackerOpener = Arc::new(move |first| Tracker::open(&path, first));
+            let first = report.records == 0;
+            let tracker = wait_for_space(metrics, "opening the tracker", || reopen(first))?;
+            (wal, report, tracker, identity.node_id, reopen)
         }
         StorageChoice::Custom { wal, tracker } => {
             let (wal, report) = Wal::open(wal, config.wal.clone())?;
-            let tracker = tracker(report.records == 0)?;
+            let first = report.records == 0;
+            let reopen = tracker;
+            let tracker = wait_for_space(metrics, "opening the tracker", || reopen(first))?;
             let node_id = config
                 .node_id
                 .clone()
                 .unwrap_or_else(crate::identity::host_name);
-            (wal, report, tracker, node_id)
+            (wal, report, tracker, node_id, reopen)
         }
     };
     let wal = Arc::new(wal);
@@ -168,5 +177,49 @@ pub(crate) fn recover(
         checkpoints,
         report,
         node_id: Arc::from(node_id),
+        reopen,
     })
+}
+
+/// Something recovery can wait out: a full disk.
+trait NoSpace {
+    fn no_space(&self) -> bool;
+}
+
+impl NoSpace for crate::tracker::TrackerError {
+    fn no_space(&self) -> bool {
+        self.is_no_space()
+    }
+}
+
+impl NoSpace for crate::identity::IdentityError {
+    fn no_space(&self) -> bool {
+        crate::space::is_no_space(self)
+    }
+}
+
+/// Runs `step` until it succeeds or fails for a reason other than a full disk: startup on a full
+/// disk waits for space (gauge `weir_waiting_for_space{place="recovery"}`) instead of exiting
+/// and being restarted into the same full disk.
+fn wait_for_space<T, E: NoSpace + std::fmt::Display>(
+    metrics: &Metrics,
+    what: &str,
+    mut step: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        match step() {
+            Err(e) if e.no_space() => {
+                metrics
+                    .space
+                    .failed(crate::space::Place::Recovery, &format!("{what}: {e}"));
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            r => {
+                metrics.space.succeeded(crate::space::Place::Recovery);
+                return r;
+            }
+        }
+    }
 }

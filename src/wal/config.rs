@@ -131,6 +131,12 @@ pub struct WalConfig {
     /// Upper bound of the wait between retries while the disk is full. Default 1 s.
     #[serde(with = "millis")]
     pub enospc_max_backoff: Duration,
+    /// The free-space floor (like Flume's `minimumRequiredSpace`): while the file system holding
+    /// the log has less free space than the smaller of this and 5 % of its size, appends wait
+    /// (so `store()` waits and nothing new is acknowledged) before the disk is actually full,
+    /// keeping room for the tracker's commits, recovery and cleanup. Default 256 MiB; 0
+    /// disables it. See [`crate::space`].
+    pub min_free_bytes: u64,
 }
 
 impl Default for WalConfig {
@@ -141,6 +147,7 @@ impl Default for WalConfig {
             recovery: RecoveryMode::Strict,
             max_record_bytes: 256 * 1024 * 1024,
             enospc_max_backoff: Duration::from_secs(1),
+            min_free_bytes: 256 << 20,
         }
     }
 }

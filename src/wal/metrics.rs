@@ -13,6 +13,9 @@ pub struct WalMetrics {
     pub(crate) dir_fsyncs: AtomicU64,
     pub(crate) enospc_retries: AtomicU64,
     pub(crate) waiting_for_space: AtomicU64,
+    pub(crate) below_floor: AtomicU64,
+    pub(crate) floor_bytes: AtomicU64,
+    pub(crate) available_bytes: AtomicU64,
     pub(crate) segments_created: AtomicU64,
     pub(crate) segments_deleted: AtomicU64,
     pub(crate) segments: AtomicU64,
@@ -42,6 +45,12 @@ pub struct WalMetricsSnapshot {
     pub enospc_retries: u64,
     /// 1 while the writer is waiting for disk space, else 0 (gauge).
     pub waiting_for_space: u64,
+    /// 1 while appends wait because free space is below the floor (gauge).
+    pub below_floor: u64,
+    /// The free-space floor in bytes, as of the last check (gauge; 0 = none or unknown).
+    pub floor_bytes: u64,
+    /// Free bytes on the log's file system, as of the last check (gauge; 0 = unknown).
+    pub available_bytes: u64,
     /// Segments created (counter).
     pub segments_created: u64,
     /// Segments deleted by cleanup (counter).
@@ -74,6 +83,9 @@ impl WalMetrics {
             dir_fsyncs: self.dir_fsyncs.load(Relaxed),
             enospc_retries: self.enospc_retries.load(Relaxed),
             waiting_for_space: self.waiting_for_space.load(Relaxed),
+            below_floor: self.below_floor.load(Relaxed),
+            floor_bytes: self.floor_bytes.load(Relaxed),
+            available_bytes: self.available_bytes.load(Relaxed),
             segments_created: self.segments_created.load(Relaxed),
             segments_deleted: self.segments_deleted.load(Relaxed),
             segments: self.segments.load(Relaxed),

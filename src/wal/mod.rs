@@ -768,6 +768,15 @@ impl Wal {
             })
     }
 
+    /// Free and total space of the file system holding the log (`None` where the storage
+    /// cannot tell).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn space(&self) -> std::io::Result<Option<crate::space::DiskSpace>> {
+        self.shared.storage.space()
+    }
+
     /// The live counters.
     #[must_use]
     pub fn metrics(&self) -> &Arc<WalMetrics> {

@@ -288,6 +288,8 @@ struct Disk {
     sync_faults: Vec<Fault>,
     dir_sync_faults: Vec<Fault>,
     capacity: Option<u64>,
+    /// Whether `space()` reports the capacity (off: no free-space floor, as before).
+    report_space: bool,
     sync_delay: Duration,
     clock_secs: u64,
     stats: SimStats,
@@ -340,6 +342,7 @@ impl SimStorage {
                 sync_faults: Vec::new(),
                 dir_sync_faults: Vec::new(),
                 capacity: None,
+                report_space: false,
                 sync_delay: Duration::ZERO,
                 clock_secs: 1_700_000_000,
                 stats: SimStats::default(),
@@ -447,6 +450,13 @@ impl SimStorage {
     /// zeros.
     pub fn set_capacity(&self, bytes: Option<u64>) {
         self.disk().capacity = bytes;
+    }
+
+    /// Makes [`Storage::space`] report the capacity (total) and what is left of it
+    /// (available), so that the WAL's free-space floor applies; off by default (no floor). A
+    /// disk without a capacity reports nothing either way.
+    pub fn report_space(&self, on: bool) {
+        self.disk().report_space = on;
     }
 
     /// Makes every file sync take at least `d` (like a slow disk), so that concurrent appends
@@ -914,6 +924,17 @@ impl Drop for SimLock {
 impl Storage for SimStorage {
     fn describe(&self) -> String {
         "<simulated disk>".to_owned()
+    }
+
+    fn space(&self) -> io::Result<Option<crate::space::DiskSpace>> {
+        let d = self.disk();
+        Ok(match (d.report_space, d.capacity) {
+            (true, Some(total)) => Some(crate::space::DiskSpace {
+                available: total.saturating_sub(d.used()),
+                total,
+            }),
+            _ => None,
+        })
     }
 
     fn list(&self) -> io::Result<Vec<String>> {

@@ -130,6 +130,15 @@ pub trait Storage: Send + Sync + Debug {
     /// I/O errors.
     fn modified(&self, name: &str) -> io::Result<SystemTime>;
 
+    /// Free and total space of the file system holding the directory, for the free-space floor
+    /// (`None` where unknown: no floor then).
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn space(&self) -> io::Result<Option<crate::space::DiskSpace>> {
+        Ok(None)
+    }
+
     /// Takes the directory's exclusive lock, held until the guard is dropped (or the process
     /// dies). Fails with `WouldBlock` if another holder has it; the error message then says
     /// who holds it, when that is known.
@@ -245,6 +254,10 @@ impl Storage for FileStorage {
 
     fn sync_dir(&self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
+    }
+
+    fn space(&self) -> io::Result<Option<crate::space::DiskSpace>> {
+        crate::space::disk_space(&self.dir).map(Some)
     }
 
     fn modified(&self, name: &str) -> io::Result<SystemTime> {

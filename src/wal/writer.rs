@@ -127,7 +127,12 @@ pub(crate) struct Writer {
     /// Bytes written since the last fsync of the active segment.
     unsynced: bool,
     last_sync: Instant,
+    /// When free space was last found above the floor.
+    floor_checked: Option<Instant>,
 }
+
+/// How long a free-space check above the floor stays valid.
+const FLOOR_CHECK_EVERY: Duration = Duration::from_millis(10);
 
 /// Why a write could not complete.
 pub(crate) enum WriteFailure {
@@ -150,6 +155,7 @@ impl Writer {
             plan: WritePlan::default(),
             unsynced: false,
             last_sync: Instant::now(),
+            floor_checked: None,
         }
     }
 
@@ -193,7 +199,75 @@ impl Writer {
                 }
                 continue;
             }
+            if let Err(f) = self.wait_for_floor() {
+                self.fail_with(f, batch);
+                continue;
+            }
             self.commit(batch);
+        }
+    }
+
+    /// Waits while free space on the log's file system is below the floor (see
+    /// `WalConfig::min_free_bytes`): nothing is written, so nothing new is acknowledged, and
+    /// `store()` waits behind it. Checked at most every [`FLOOR_CHECK_EVERY`] while above it.
+    fn wait_for_floor(&mut self) -> Result<(), WriteFailure> {
+        let min = self.shared.config.min_free_bytes;
+        if min == 0
+            || self
+                .floor_checked
+                .is_some_and(|t| t.elapsed() < FLOOR_CHECK_EVERY)
+        {
+            return Ok(());
+        }
+        let m = &self.shared.metrics;
+        let mut backoff = Duration::from_millis(5);
+        let mut waiting_since: Option<Instant> = None;
+        let mut last_warning = Instant::now();
+        loop {
+            let space = match self.shared.storage.space() {
+                Ok(Some(s)) => s,
+                // Unknown: no floor (the ENOSPC handling still applies).
+                Ok(None) | Err(_) => return Ok(()),
+            };
+            let floor = crate::space::floor(min, space.total);
+            m.floor_bytes.store(floor, Relaxed);
+            m.available_bytes.store(space.available, Relaxed);
+            if space.available >= floor {
+                self.floor_checked = Some(Instant::now());
+                if let Some(since) = waiting_since {
+                    m.below_floor.store(0, Relaxed);
+                    tracing::warn!(
+                        available = space.available,
+                        floor,
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "free space is above the floor again; WAL writes resumed"
+                    );
+                }
+                return Ok(());
+            }
+            let since = *waiting_since.get_or_insert_with(|| {
+                m.below_floor.store(1, Relaxed);
+                tracing::error!(
+                    available = space.available, floor, dir = %self.shared.storage.describe(),
+                    "free disk space is below the floor (wal.min_free_bytes): the WAL waits and \
+                     nothing new is acknowledged until space is freed"
+                );
+                Instant::now()
+            });
+            if self.shared.wait_for_close(backoff) {
+                m.below_floor.store(0, Relaxed);
+                return Err(WriteFailure::Closed);
+            }
+            if last_warning.elapsed() >= Duration::from_secs(10) {
+                last_warning = Instant::now();
+                tracing::warn!(
+                    available = space.available,
+                    floor,
+                    waited_s = since.elapsed().as_secs(),
+                    "still below the free-space floor"
+                );
+            }
+            backoff = (backoff * 2).min(self.shared.config.enospc_max_backoff);
         }
     }
 
