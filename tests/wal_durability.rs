@@ -25,10 +25,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use weir::wal::codec::{decode_frame, Frame};
 use weir::wal::sim::{Fault, SimStorage, Tear};
 use weir::wal::{
-    parse_segment_name, segment_name, AppendFuture, RecordHandle, RecoveryMode, RecoveryReport,
-    Wal, WalConfig, WalError, WalPosition,
+    parse_segment_name, segment_name, AppendFuture, CorruptRegion, RecordHandle, RecoveryMode,
+    RecoveryReport, Wal, WalConfig, WalError, WalPosition,
 };
 
 const FRAME_HEADER: u64 = 8;
@@ -123,6 +124,13 @@ struct Model {
     /// Records in reported damaged regions that were never acknowledged (a fault or crash left
     /// them on disk before a flip hit them).
     damaged_unacked: u64,
+    /// Those unacknowledged appends themselves, as far as they are known: `maybe` entries that
+    /// a recovery found neither intact nor gone, but damaged on disk. They are not gone for
+    /// good: recovery skips damage without rewriting it, so a later flip of the same bit
+    /// restores such a record, and then it verifies and scans rightly return it (it was
+    /// appended, and its bytes are exactly what was appended; see
+    /// `an_unacknowledged_record_restored_by_a_second_flip_is_returned_intact`).
+    damaged_maybe: Vec<(u64, Bytes)>,
     /// A fault was injected into the open log: appends may fail (and must not be counted).
     faulted: bool,
 }
@@ -141,6 +149,7 @@ impl Model {
             flips: BTreeMap::new(),
             faulted: false,
             damaged_unacked: 0,
+            damaged_maybe: Vec::new(),
         }
     }
 
@@ -261,6 +270,35 @@ impl Model {
             .contents(&segment_name(segment))
             .unwrap_or_default();
         (c.len() - c.iter().rev().take_while(|&&b| b == 0).count()) as u64
+    }
+
+    /// The payloads of the records in the damaged regions `corrupt` as they were written (with
+    /// the flips on disk undone), found by following their length fields from each region's
+    /// start (a frame boundary): where unacknowledged appends may lie damaged.
+    fn damaged_payloads(&self, corrupt: &[CorruptRegion]) -> Vec<Bytes> {
+        let mut found = Vec::new();
+        for c in corrupt {
+            let Some(mut data) = self.disk.contents(&segment_name(c.segment)) else {
+                continue;
+            };
+            for (&(_, off), mask) in self.flips.range((c.segment, 0)..=(c.segment, u64::MAX)) {
+                if let Some(b) = data.get_mut(off as usize) {
+                    *b ^= mask;
+                }
+            }
+            let end = ((c.offset + c.bytes) as usize).min(data.len());
+            let mut pos = c.offset.max(SEGMENT_HEADER) as usize;
+            while pos < end {
+                let Frame::Record { payload, frame_len } =
+                    decode_frame(c.segment, &data[pos..], u32::MAX)
+                else {
+                    break;
+                };
+                found.push(Bytes::copy_from_slice(payload));
+                pos += frame_len;
+            }
+        }
+        found
     }
 
     fn recover(&mut self) -> Result<(), TestCaseError> {
@@ -456,7 +494,10 @@ impl Model {
         let wal = self.wal.as_ref().unwrap();
         let mut seen = 0usize;
         let mut last_id: Option<u64> = None;
-        let mut maybe = std::mem::take(&mut self.maybe);
+        // Candidates in append order: appends left damaged on disk by earlier runs, then this
+        // run's appends of unknown outcome.
+        let mut maybe = std::mem::take(&mut self.damaged_maybe);
+        maybe.append(&mut self.maybe);
         let mut survivors = Vec::new();
         for r in wal.scan(WalPosition::START) {
             let r = r.map_err(|e| TestCaseError::fail(format!("scan after recovery: {e}")))?;
@@ -510,9 +551,104 @@ impl Model {
                 wal.segments()
             )));
         }
-        // Survivors are on disk now (the crash already happened); the rest are gone for good.
+        // Survivors are on disk now (the crash already happened); the rest are gone for good,
+        // except those lying damaged in a reported region (a flip may restore them).
         self.records.extend(survivors);
+        let damaged = self.damaged_payloads(&report.corrupt);
+        self.damaged_maybe = maybe
+            .into_iter()
+            .filter(|(_, p)| damaged.contains(p))
+            .collect();
         Ok(())
+    }
+}
+
+/// The regression `cc 67dff174…` on the WAL alone (deterministic): an append whose fsync
+/// failed reached the disk; a flip damaged it; recovery (skip_corrupt) reported and skipped it,
+/// leaving its bytes as they were; a second flip of the same bit restored them. The record is
+/// then exactly what was appended, so recovery and scans return it, in log order (as they do
+/// any unacknowledged append that reached the disk): neither damage nor something never
+/// appended.
+#[test]
+fn an_unacknowledged_record_restored_by_a_second_flip_is_returned_intact() {
+    let disk = SimStorage::new();
+    let open = |mode| Wal::open(Arc::new(disk.clone()), config(mode));
+    let (wal, report) = open(RecoveryMode::Strict).unwrap();
+    let seg = report.end.segment;
+    let name = segment_name(seg);
+    disk.fail_syncs(Fault::Eio, 1);
+    let p = payload(0, 25);
+    assert!(matches!(
+        wal.append(p.clone()).wait(),
+        Err(WalError::Fatal(_))
+    ));
+    assert!(wal.close().is_err());
+    drop(wal);
+    // The last byte of the record's checksum (frame: len | crc | payload).
+    let crc_byte = SEGMENT_HEADER + FRAME_HEADER - 1;
+    assert!(disk.flip_bit(&name, crc_byte, 1));
+    match open(RecoveryMode::Strict) {
+        Err(WalError::Corruption {
+            segment, offset, ..
+        }) => {
+            assert_eq!((segment, offset), (seg, SEGMENT_HEADER));
+        }
+        other => panic!("strict recovery opened a damaged log: {other:?}"),
+    }
+    let (wal, report) = open(RecoveryMode::SkipCorrupt).unwrap();
+    let c = &report.corrupt[..];
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        (c[0].segment, c[0].offset, c[0].bytes, c[0].records),
+        (seg, SEGMENT_HEADER, FRAME_HEADER + 25, Some(1))
+    );
+    assert!(wal.scan(WalPosition::START).next().is_none());
+    let later = payload(1, 41);
+    let later_handle = wal.append(later.clone()).wait().unwrap();
+    assert!(later_handle.segment > seg);
+    wal.close().unwrap();
+    drop(wal);
+    // The same bit flipped back: the record is as appended again.
+    assert!(disk.flip_bit(&name, crc_byte, 1));
+    let (wal, report) = open(RecoveryMode::Strict).unwrap();
+    assert!(report.corrupt.is_empty());
+    let got: Vec<(RecordHandle, Bytes)> = wal
+        .scan(WalPosition::START)
+        .map(|r| r.map(|r| (r.handle, r.payload)).unwrap())
+        .collect();
+    let restored = RecordHandle {
+        segment: seg,
+        offset: SEGMENT_HEADER,
+        len: 25,
+    };
+    assert_eq!(got, vec![(restored, p), (later_handle, later)]);
+}
+
+/// The regression `cc 67dff174…` on the model (deterministic: every append is waited for, so
+/// the batches do not depend on timing). The model must still know the damaged unacknowledged
+/// append when the second flip restores it.
+#[test]
+fn the_model_knows_an_unacknowledged_record_restored_by_a_second_flip() {
+    let crc_byte = SEGMENT_HEADER + FRAME_HEADER - 1;
+    let flip = Op::Flip {
+        file: 0,
+        at: crc_byte,
+        bit: 1,
+    };
+    let mut m = Model::new();
+    for op in [
+        Op::FailSync,
+        Op::Append(25),
+        Op::Wait,
+        flip.clone(),
+        Op::Reopen,
+        flip,
+        Op::Reopen,
+        Op::Crash(Tear::None),
+    ] {
+        if let Err(e) = m.apply(op.clone()) {
+            panic!("{op:?}: {e}");
+        }
     }
 }
 
