@@ -572,3 +572,327 @@ async fn dropping_a_running_context_fails_pending_stores_instead_of_hanging() {
         Err(_) => panic!("store() hung after the context was dropped"),
     }
 }
+
+// ---- A full disk is backpressure, never a crash (deterministic, on the simulated disk) ----
+
+/// A context whose WAL is on `wal_disk` and tracker on `tracker_disk`, fed `n` numbered records
+/// at a steady pace; the batch job calls `job_fails` first and fails with ENOSPC while it says
+/// so (as a `dir` output does on a full disk).
+fn disk_full_context(
+    config: StreamingConfig,
+    wal_disk: &SimStorage,
+    tracker_disk: &SimStorage,
+    n: u64,
+    acked: &Arc<AtomicU64>,
+    seen: &Seen,
+    job_full: &Arc<AtomicBool>,
+) -> StreamingContext {
+    let td = tracker_disk.clone();
+    let mut ctx = StreamingContext::with_storage(config, Arc::new(wal_disk.clone()), move || {
+        td.redb_backend("tracker.redb")
+    });
+    ctx.add_receiver(
+        "numbers",
+        Numbers {
+            to: n,
+            per_call: 100,
+            in_flight: 8,
+            acked: acked.clone(),
+            pace: Some(Duration::from_millis(3)),
+        },
+    );
+    let (seen, full) = (seen.clone(), job_full.clone());
+    ctx.foreach_batch("collect", move |b| {
+        if full.load(SeqCst) {
+            let e = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device");
+            return Err(Box::new(e));
+        }
+        seen.lock().unwrap().push((b.time(), numbers_in(b)));
+        Ok(())
+    });
+    ctx
+}
+
+/// Counters when the disk became full.
+struct Before {
+    acked: u64,
+    allocated: u64,
+    completed: u64,
+}
+
+/// Runs `fill` a quarter into the stream, checks that `place` waits for space (and the engine
+/// does not fail), runs `free`, and checks that every acknowledged record reaches exactly one
+/// completed batch and that `stalled` held meanwhile.
+async fn survives_a_full_disk(
+    config: StreamingConfig,
+    wal_disk: SimStorage,
+    tracker_disk: SimStorage,
+    place: &str,
+    fill: impl FnOnce(&Arc<AtomicBool>),
+    free: impl FnOnce(&Arc<AtomicBool>),
+    stalled: impl Fn(&weir::RunningContext, &Before, u64) -> Result<(), String>,
+) -> weir::RunningContext {
+    let n = 40_000;
+    let (acked, seen, job_full): (Arc<AtomicU64>, Seen, Arc<AtomicBool>) =
+        (Arc::default(), Arc::default(), Arc::default());
+    let ctx = disk_full_context(
+        config,
+        &wal_disk,
+        &tracker_disk,
+        n,
+        &acked,
+        &seen,
+        &job_full,
+    );
+    let running = ctx.start().await.unwrap();
+    wait_for("a quarter acknowledged", Duration::from_secs(30), || {
+        acked.load(SeqCst) >= n / 4
+    })
+    .await;
+    fill(&job_full);
+    wait_for(
+        &format!("{place} waiting for space"),
+        Duration::from_secs(10),
+        || running.metrics().waiting_for_space().contains(&place),
+    )
+    .await;
+    // While full: the engine does not fail, and the place's own effect shows (after the
+    // acknowledgements of what was durable before it settle).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = running.metrics().engine().clone();
+    let before = Before {
+        acked: acked.load(SeqCst),
+        allocated: e.batches_allocated(),
+        completed: e.batches_completed(),
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(running.failure(), None);
+    assert!(
+        running.metrics().waiting_for_space().contains(&place),
+        "{:?}",
+        running.metrics().waiting_for_space()
+    );
+    if let Err(e) = stalled(&running, &before, acked.load(SeqCst)) {
+        panic!("while {place} was full: {e}");
+    }
+    let text = running.metrics().prometheus_text();
+    assert!(
+        text.contains(&format!("weir_waiting_for_space{{place=\"{place}\"}} 1")),
+        "{text}"
+    );
+    free(&job_full);
+    wait_for("every record acknowledged", Duration::from_secs(60), || {
+        acked.load(SeqCst) == n
+    })
+    .await;
+    wait_for("the space episode to end", Duration::from_secs(10), || {
+        running.metrics().waiting_for_space().is_empty()
+    })
+    .await;
+    let last = running.run_batch().await.unwrap();
+    assert!(running.completed_through() >= Some(last));
+    assert_eq!(running.failure(), None);
+    check_exactly_once(&seen, n);
+    running
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_at_a_tracker_commit_waits_reopens_the_tracker_and_loses_nothing() {
+    let (wal_disk, tracker_disk) = (SimStorage::new(), SimStorage::new());
+    let td = tracker_disk.clone();
+    let running = survives_a_full_disk(
+        fast_config(),
+        wal_disk,
+        tracker_disk,
+        "tracker",
+        // Every write to the tracker's file fails with ENOSPC (commits, and the repair a
+        // reopen needs) until freed.
+        {
+            let td = td.clone();
+            move |_| td.fail_writes(weir::wal::sim::Fault::Enospc, 1_000_000)
+        },
+        move |_| td.clear_faults(),
+        |running, before, acked| {
+            // Receivers go on (the WAL has room); no batch is allocated.
+            let e = running.metrics().engine().clone();
+            if acked <= before.acked {
+                return Err(format!("stores stopped ({} → {acked})", before.acked));
+            }
+            if e.batches_allocated() != before.allocated {
+                return Err("a batch was allocated without a tracker commit".into());
+            }
+            Ok(())
+        },
+    )
+    .await;
+    let e = running.metrics().engine().clone();
+    assert!(e.space_retries(weir::space::Place::Tracker) > 0);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_in_the_wal_makes_store_wait_and_loses_nothing() {
+    let (wal_disk, tracker_disk) = (SimStorage::new(), SimStorage::new());
+    let wd = wal_disk.clone();
+    let running = survives_a_full_disk(
+        fast_config(),
+        wal_disk,
+        tracker_disk,
+        "wal",
+        {
+            let wd = wd.clone();
+            move |_| wd.set_capacity(Some(wd.used_bytes() + 2_000))
+        },
+        move |_| wd.set_capacity(None),
+        |_, before, acked| {
+            // Nothing new is acknowledged while the WAL cannot write.
+            if acked != before.acked {
+                return Err(format!(
+                    "acknowledged {} → {acked} on a full disk",
+                    before.acked
+                ));
+            }
+            Ok(())
+        },
+    )
+    .await;
+    assert!(running.metrics().wal().snapshot().enospc_retries > 0);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_at_the_output_retries_the_batch_and_loses_nothing() {
+    let running = survives_a_full_disk(
+        fast_config(),
+        SimStorage::new(),
+        SimStorage::new(),
+        "output",
+        |full| full.store(true, SeqCst),
+        |full| full.store(false, SeqCst),
+        |running, before, _| {
+            // The batch is retried, not failed; none completes.
+            let e = running.metrics().engine().clone();
+            if e.job_failures() == 0 {
+                return Err("no failed job run counted".into());
+            }
+            if e.batches_completed() != before.completed {
+                return Err("a batch completed while its output was full".into());
+            }
+            Ok(())
+        },
+    )
+    .await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_free_space_floor_store_waits_before_enospc_while_the_tracker_goes_on() {
+    let (wal_disk, tracker_disk) = (SimStorage::new(), SimStorage::new());
+    wal_disk.report_space(true);
+    let mut config = fast_config();
+    config.wal.min_free_bytes = 64 << 10;
+    // A 4 MiB disk: the floor is the smaller of 64 KiB and 5 % (about 200 KiB).
+    wal_disk.set_capacity(Some(4 << 20));
+    let wd = wal_disk.clone();
+    let running = survives_a_full_disk(
+        config,
+        wal_disk,
+        tracker_disk,
+        "free_space_floor",
+        // Leave 32 KiB: below the floor, well before ENOSPC.
+        {
+            let wd = wd.clone();
+            move |_| wd.set_capacity(Some(wd.used_bytes() + (32 << 10)))
+        },
+        move |_| wd.set_capacity(Some(64 << 20)),
+        |running, before, acked| {
+            if acked != before.acked {
+                return Err(format!(
+                    "acknowledged {} → {acked} below the floor",
+                    before.acked
+                ));
+            }
+            // The tracker still has room: (empty) batches are allocated and complete.
+            if running.metrics().engine().batches_allocated() <= before.allocated {
+                return Err("no batch allocated below the floor".into());
+            }
+            Ok(())
+        },
+    )
+    .await;
+    let w = running.metrics().wal().snapshot();
+    assert_eq!(w.enospc_retries, 0, "the WAL hit ENOSPC despite the floor");
+    assert_eq!((w.below_floor, w.floor_bytes), (0, 64 << 10));
+    running.stop().await.unwrap();
+}
+
+/// Frees a simulated disk when dropped, also when a test fails while it is full (a recovery
+/// waiting for space would otherwise keep the runtime from shutting down).
+struct FreeOnDrop(SimStorage);
+
+impl Drop for FreeOnDrop {
+    fn drop(&mut self) {
+        self.0.clear_faults();
+        self.0.set_capacity(None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_on_a_full_disk_writes_only_what_it_must_and_waits_for_the_rest() {
+    let (wal_disk, tracker_disk) = (SimStorage::new(), SimStorage::new());
+    let _free = FreeOnDrop(tracker_disk.clone());
+    let n = 2_000;
+    let (acked, seen, full): (Arc<AtomicU64>, Seen, Arc<AtomicBool>) =
+        (Arc::default(), Arc::default(), Arc::default());
+    let make = |n| {
+        disk_full_context(
+            fast_config(),
+            &wal_disk,
+            &tracker_disk,
+            n,
+            &acked,
+            &seen,
+            &full,
+        )
+    };
+    // A first start on a full disk must create the tracker: it waits instead of failing.
+    tracker_disk.fail_writes(weir::wal::sim::Fault::Enospc, 1_000_000);
+    let starting = tokio::spawn(make(n).start());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gave_up = starting.is_finished();
+    tracker_disk.clear_faults();
+    assert!(!gave_up, "startup gave up on a full disk");
+    let running = tokio::time::timeout(Duration::from_secs(10), starting)
+        .await
+        .expect("startup after space came back")
+        .unwrap()
+        .unwrap();
+    wait_for("every record", Duration::from_secs(30), || {
+        acked.load(SeqCst) == n
+    })
+    .await;
+    running.run_batch().await.unwrap();
+    running.stop().await.unwrap();
+    check_exactly_once(&seen, n);
+
+    // A restart with the disk full (no file may grow): recovery writes nothing that needs
+    // space, so the node comes up at once and receives; its commits wait while they need room.
+    tracker_disk.set_capacity(Some(tracker_disk.used_bytes()));
+    let running = tokio::time::timeout(Duration::from_secs(10), make(2 * n).start())
+        .await
+        .expect("recovery waited on a full disk although it had nothing to write")
+        .unwrap();
+    wait_for("more records", Duration::from_secs(30), || {
+        acked.load(SeqCst) > n + n / 2
+    })
+    .await;
+    assert_eq!(running.failure(), None);
+    tracker_disk.set_capacity(None);
+    wait_for("every record", Duration::from_secs(30), || {
+        acked.load(SeqCst) == 2 * n
+    })
+    .await;
+    running.run_batch().await.unwrap();
+    running.stop().await.unwrap();
+    check_exactly_once(&seen, 2 * n);
+}

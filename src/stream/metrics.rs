@@ -123,6 +123,16 @@ impl ReceiverMetrics {
 }
 
 impl Metrics {
+    /// 1 while writes at `place` wait for disk space (gauge).
+    pub fn space_waiting(&self, place: crate::space::Place) -> u64 {
+        self.space.waiting(place)
+    }
+
+    /// Writes at `place` retried because the disk was full (counter).
+    pub fn space_retries(&self, place: crate::space::Place) -> u64 {
+        self.space.retries(place)
+    }
+
     getters! {
         /// Blocks cut but not yet durable (gauge).
         blocks_pending,
