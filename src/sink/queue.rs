@@ -562,3 +562,129 @@ impl PullQueue for SinkQueue {
         self.abort(seq);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::wal::sim::SimStorage;
+    use crate::wal::WalConfig;
+
+    fn open(disk: &SimStorage, min_free_bytes: u64) -> Arc<SinkQueue> {
+        let config = WalConfig {
+            min_free_bytes: 0,
+            enospc_max_backoff: Duration::from_millis(20),
+            ..WalConfig::default()
+        };
+        let (wal, _) = Wal::open(Arc::new(disk.clone()), config).unwrap();
+        let queue = QueueConfig {
+            empty_wait_ms: 50,
+            ..QueueConfig::default()
+        };
+        Arc::new(
+            SinkQueue::open(wal, queue)
+                .unwrap()
+                .with_min_free_bytes(min_free_bytes),
+        )
+    }
+
+    fn events(from: u32, n: u32) -> Vec<Record> {
+        (from..from + n)
+            .map(|i| Record::new(format!("event {i}")))
+            .collect()
+    }
+
+    /// Takes and acks every event served, returning the bodies.
+    async fn drain(q: &SinkQueue) -> Vec<String> {
+        let mut bodies = Vec::new();
+        loop {
+            let b = q.get_event_batch(1000).await;
+            if !b.error_msg.is_empty() {
+                return bodies;
+            }
+            bodies.extend(
+                b.events
+                    .iter()
+                    .map(|r| String::from_utf8(r.payload.to_vec()).unwrap()),
+            );
+            q.ack(&b.sequence_number).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enospc_makes_pushes_and_acks_wait_and_loses_nothing_answered_ok() {
+        let disk = SimStorage::new();
+        let q = open(&disk, 0);
+        for i in 0..5 {
+            q.append(events(i * 10, 10)).await.unwrap();
+        }
+        // Serve a batch, then fill the disk: its ack and further pushes wait.
+        let served = q.get_event_batch(20).await;
+        assert_eq!(served.events.len(), 20);
+        disk.set_capacity(Some(disk.used_bytes() + 40));
+        let pushes: Vec<_> = (5..15)
+            .map(|i| {
+                let q = q.clone();
+                tokio::spawn(async move { q.append(events(i * 10, 10)).await })
+            })
+            .collect();
+        let ack = {
+            let (q, seq) = (q.clone(), served.sequence_number.clone());
+            tokio::spawn(async move { q.ack(&seq).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            pushes.iter().all(|p| !p.is_finished()),
+            "a push was answered on a full disk"
+        );
+        assert!(!ack.is_finished(), "an ack was recorded on a full disk");
+        assert_eq!(q.waiting_for_space(), 1);
+        assert_eq!(q.stats().events_accepted.load(Relaxed), 50);
+        // Space back: everything goes through by itself.
+        disk.set_capacity(None);
+        for p in pushes {
+            assert_eq!(p.await.unwrap().unwrap(), 10);
+        }
+        ack.await.unwrap();
+        assert_eq!(q.waiting_for_space(), 0);
+        assert_eq!(q.stats().events_acked.load(Relaxed), 20);
+        let mut bodies = drain(&q).await;
+        bodies.extend(
+            served
+                .events
+                .iter()
+                .map(|r| String::from_utf8(r.payload.to_vec()).unwrap()),
+        );
+        bodies.sort_by_key(|b| b[6..].parse::<u32>().unwrap());
+        let want: Vec<String> = (0..150).map(|i| format!("event {i}")).collect();
+        assert_eq!(bodies, want, "every event answered OK, once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn below_the_floor_pushes_are_refused_and_acks_still_free_space() {
+        let disk = SimStorage::new();
+        disk.report_space(true);
+        // A 1 MiB disk: the floor is 5 % of it (about 52 KiB).
+        disk.set_capacity(Some(1 << 20));
+        let q = open(&disk, 256 << 20);
+        q.append(events(0, 10)).await.unwrap();
+        let served = q.get_event_batch(10).await;
+        // A ballast file leaves 16 KiB free: below the floor.
+        let ballast = (1 << 20) - disk.used_bytes() - (16 << 10);
+        disk.put_file("ballast", &vec![0; ballast as usize]);
+        let e = q.append(events(10, 10)).await.unwrap_err().to_string();
+        assert!(e.contains("free-space floor"), "{e}");
+        assert_eq!(q.waiting_for_space(), 1);
+        assert_eq!(q.stats().pushes_refused_floor.load(Relaxed), 1);
+        // Acks are not held back by the floor: recording them is what frees space.
+        tokio::time::timeout(Duration::from_secs(5), q.ack(&served.sequence_number))
+            .await
+            .expect("an ack waited below the floor");
+        assert_eq!(q.stats().events_acked.load(Relaxed), 10);
+        crate::wal::Storage::remove(&disk, "ballast").unwrap();
+        q.append(events(10, 10)).await.unwrap();
+        assert_eq!(q.waiting_for_space(), 0);
+        assert_eq!(drain(&q).await.len(), 10);
+    }
+}
