@@ -1146,3 +1146,121 @@ fn two_nodes_sharing_an_output_directory_keep_every_acknowledged_record_across_a
         assert!(status.success(), "{status}");
     }
 }
+
+/// A tmpfs of `size` mounted at a fresh directory, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output();
+        let ok = out.as_ref().is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "this test fills a real small file system: it mounts a {size} tmpfs at {} with \
+             `mount -t tmpfs`, which needs root (or CAP_SYS_ADMIN), as CI has. Run the tests as \
+             root, e.g. `sudo -E scripts/test --test node`. mount said: {:?}",
+            dir.display(),
+            out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stalls_producers_without_acks_and_the_node_continues_by_itself() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let small = Tmpfs::mount(&dir.path().join("small"), "8m");
+    // The WAL, the tracker and the output all on the small file system.
+    let out_dir = small.0.join("out");
+    let (port, mport) = (free_port(), free_port());
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\njob_retry_max_ms = 500\n\
+             [engine.wal]\nsegment_max_bytes = 1048576\nenospc_max_backoff = 200\n\
+             [[receiver]]\nname = \"frames\"\ntype = \"socket\"\nmode = \"listen\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"frames\"\n\
+             [[output]]\ntype = \"dir\"\npath = {:?}\nformat = \"lines\"\n[metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+            small.0.join("data").display().to_string(),
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut node = spawn_node(&config);
+    wait_until("health", Duration::from_secs(30), || {
+        http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
+    });
+    // 100-byte records, about 5,000 a second.
+    let prefix = "r".repeat(90);
+    let total = 20_000;
+    let acked = AtomicUsize::new(0);
+    let alive = |node: &mut Node| node.0.try_wait().unwrap().is_none();
+    let sent = std::thread::scope(|s| {
+        let producer = s.spawn(|| frames_producer(port, &prefix, total, &acked));
+        wait_until("3,000 acknowledged", Duration::from_secs(60), || {
+            acked.load(SeqCst) >= 3_000
+        });
+        // Fill the file system with a ballast file.
+        let ballast = small.0.join("ballast");
+        let mut f = std::fs::File::create(&ballast).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        // The node waits for space: degraded, acknowledging nothing, alive.
+        wait_until("/health degraded", Duration::from_secs(10), || {
+            http_get(mport, "/health").is_some_and(|(c, b)| c == 200 && b.starts_with("degraded"))
+        });
+        let metrics = http_get(mport, "/metrics").unwrap().1;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("weir_waiting_for_space{") && l.ends_with(" 1")),
+            "{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let stalled_at = acked.load(SeqCst);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            acked.load(SeqCst),
+            stalled_at,
+            "records were acknowledged while the disk was full"
+        );
+        assert!(
+            stalled_at < total,
+            "the producer finished before the disk was full"
+        );
+        assert!(alive(&mut node), "the node exited on a full disk");
+        // Free the space: the node continues by itself.
+        drop(f);
+        std::fs::remove_file(&ballast).unwrap();
+        let sent = producer.join().unwrap();
+        assert!(alive(&mut node), "the node exited");
+        sent
+    });
+    wait_until(
+        "every acknowledged record in the output",
+        Duration::from_secs(60),
+        || {
+            let have: std::collections::HashSet<String> = lines_in(&out_dir).into_iter().collect();
+            sent.iter().all(|r| have.contains(r))
+        },
+    );
+    wait_until("/health ok", Duration::from_secs(10), || {
+        http_get(mport, "/health").is_some_and(|(c, b)| c == 200 && b == "ok\n")
+    });
+    sigterm(&node.0);
+    let status = wait_exit(&mut node, Duration::from_secs(30), "no exit after SIGTERM");
+    assert!(status.success(), "{status}");
+    drop(small);
+}
