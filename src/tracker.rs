@@ -5,6 +5,20 @@
 //! Blocks are allocated in WAL order — every batch takes all blocks that became durable before it,
 //! and blocks become durable in log order — so "which blocks are allocated" is a single position,
 //! `allocated_end`: everything before it belongs to some batch, everything after it to none yet.
+//!
+//! **A failed commit** (what redb guarantees, and what the engine relies on). Every commit is
+//! `Durability::Immediate`: redb writes the transaction's pages, syncs, then switches its header
+//! to the new commit and syncs again. A commit that returns an error therefore leaves either the
+//! previous commit current (the failure came before the switch — the normal case for `ENOSPC`,
+//! which hits when the file must grow for the new pages) or, rarely, the new one (the switch was
+//! written but a later step failed). After any I/O error redb latches it and answers every
+//! further operation on that `Database` with `PreviousIo` ("close and re-open the database"),
+//! and it marks the file as needing repair, which the next open performs (repair may itself need
+//! to write, and so wait for space). The engine relies on exactly this: on a commit that failed
+//! for lack of space it keeps the allocation unchanged, closes the database, reopens it once it
+//! can, reads the state back, and either finds the allocation there (then it was committed) or
+//! commits the same allocation again. It never assumes the failed commit did nothing, and never
+//! uses the database after an error without reopening it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
