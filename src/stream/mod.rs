@@ -691,7 +691,7 @@ impl Engine {
                 return Err(EngineError::Failed(msg));
             }
         };
-        tracing::info!("tracker reopened after a full disk");
+        tracing::debug!("tracker reopened after a full disk");
         *lock(&self.tracker) = Some(tracker);
         self.tracker_broken.store(false, Relaxed);
         let landed = lock(&self.pending_alloc)
