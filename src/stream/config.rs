@@ -46,7 +46,8 @@ pub struct StreamingConfig {
     pub block_cache_bytes: u64,
     /// How batches are triggered. Default `interval`.
     pub clock: ClockMode,
-    /// A failed receiver is restarted after this delay, doubling per consecutive failure up to
+    /// A failed receiver is restarted after this delay (plus up to 25 % jitter; see
+    /// `weir_receiver::Backoff`), doubling per consecutive failure up to
     /// `receiver_restart_max_ms`. Default 100.
     pub receiver_restart_initial_ms: u64,
     /// Upper bound of the restart delay, ms. Default 30000.

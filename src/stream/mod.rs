@@ -847,7 +847,10 @@ impl Engine {
         failures: &std::sync::atomic::AtomicU64,
         attempt: Arc<dyn Fn() -> Result<(), StepError> + Send + Sync>,
     ) -> bool {
-        let mut delay = Duration::from_millis(self.config.job_retry_initial_ms);
+        let mut backoff = weir_receiver::Backoff::new(
+            Duration::from_millis(self.config.job_retry_initial_ms),
+            Duration::from_millis(self.config.job_retry_max_ms),
+        );
         let mut failures_while_stopping = 0;
         loop {
             let a = attempt.clone();
@@ -860,6 +863,7 @@ impl Engine {
                 Err(e) => (format!("panicked: {e}"), false),
             };
             failures.fetch_add(1, Relaxed);
+            let delay = backoff.next_delay();
             if no_space {
                 // Logged once as an error, then as a reminder, while the episode lasts.
                 self.metrics
@@ -879,7 +883,6 @@ impl Engine {
                 return false;
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(self.config.job_retry_max_ms));
         }
     }
 

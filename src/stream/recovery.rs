@@ -206,15 +206,17 @@ fn wait_for_space<T, E: NoSpace + std::fmt::Display>(
     what: &str,
     mut step: impl FnMut() -> Result<T, E>,
 ) -> Result<T, E> {
-    let mut delay = std::time::Duration::from_millis(50);
+    let mut backoff = weir_receiver::Backoff::new(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(2),
+    );
     loop {
         match step() {
             Err(e) if e.no_space() => {
                 metrics
                     .space
                     .failed(crate::space::Place::Recovery, &format!("{what}: {e}"));
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                std::thread::sleep(backoff.next_delay());
             }
             r => {
                 metrics.space.succeeded(crate::space::Place::Recovery);

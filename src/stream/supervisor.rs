@@ -30,7 +30,7 @@ impl Drop for AbortOnDrop {
 }
 
 pub(crate) async fn supervise(s: Supervised) {
-    let mut delay = s.initial;
+    let mut backoff = weir_receiver::Backoff::new(s.initial, s.max);
     let mut attempt = 0u32;
     loop {
         if s.shutdown.is_requested() {
@@ -67,8 +67,9 @@ pub(crate) async fn supervise(s: Supervised) {
             break;
         }
         if started.elapsed() >= HEALTHY_RUN {
-            delay = s.initial;
+            backoff.reset();
         }
+        let delay = backoff.next_delay();
         s.metrics.restarts.fetch_add(1, Relaxed);
         attempt = attempt.saturating_add(1);
         tracing::warn!(
@@ -79,6 +80,5 @@ pub(crate) async fn supervise(s: Supervised) {
             () = tokio::time::sleep(delay) => {}
             () = s.shutdown.requested() => break,
         }
-        delay = (delay * 2).min(s.max);
     }
 }

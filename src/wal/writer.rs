@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
+use weir_receiver::Backoff;
 
 use super::codec::{
     encode_frame_header, encode_frame_header_with_payload_crc, encode_header, frame_size,
@@ -220,7 +221,10 @@ impl Writer {
             return Ok(());
         }
         let m = &self.shared.metrics;
-        let mut backoff = Duration::from_millis(5);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(5),
+            self.shared.config.enospc_max_backoff,
+        );
         let mut waiting_since: Option<Instant> = None;
         let mut last_warning = Instant::now();
         loop {
@@ -254,7 +258,7 @@ impl Writer {
                 );
                 Instant::now()
             });
-            if self.shared.wait_for_close(backoff) {
+            if self.shared.wait_for_close(backoff.next_delay()) {
                 m.below_floor.store(0, Relaxed);
                 return Err(WriteFailure::Closed);
             }
@@ -267,7 +271,6 @@ impl Writer {
                     "still below the free-space floor"
                 );
             }
-            backoff = (backoff * 2).min(self.shared.config.enospc_max_backoff);
         }
     }
 
@@ -445,7 +448,7 @@ fn write_all(
     mut slices: &mut [IoSlice<'_>],
     what: &str,
 ) -> Result<(), WriteFailure> {
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = Backoff::new(Duration::from_millis(5), shared.config.enospc_max_backoff);
     let mut waiting_since: Option<Instant> = None;
     let m = &shared.metrics;
     while !slices.is_empty() {
@@ -477,18 +480,18 @@ fn write_all(
                     );
                     Instant::now()
                 });
-                if shared.wait_for_close(backoff) {
+                let at_max = backoff.at_max();
+                if shared.wait_for_close(backoff.next_delay()) {
                     m.waiting_for_space.store(0, Relaxed);
                     return Err(WriteFailure::Closed);
                 }
-                if backoff >= shared.config.enospc_max_backoff {
+                if at_max {
                     tracing::warn!(
                         segment = what,
                         waited_s = since.elapsed().as_secs(),
                         "still waiting for disk space"
                     );
                 }
-                backoff = (backoff * 2).min(shared.config.enospc_max_backoff);
             }
             Err(e) => return Err(WriteFailure::Fatal(format!("write to segment {what}: {e}"))),
         }

@@ -41,6 +41,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+mod backoff;
+
+pub use backoff::Backoff;
 pub use bytes::Bytes;
 use tokio::sync::watch;
 

@@ -205,7 +205,7 @@ impl SocketReceiver {
         let stats = &self.shared.stats;
         let initial = Duration::from_millis(config.reconnect_initial_ms);
         let max = Duration::from_millis(config.reconnect_max_ms);
-        let mut backoff = initial;
+        let mut backoff = weir_receiver::Backoff::new(initial, max);
         let address = &config.address;
         loop {
             let attempt = tokio::select! {
@@ -228,7 +228,7 @@ impl SocketReceiver {
                         return Ok(());
                     }
                     if outcome.bytes_read > 0 {
-                        backoff = initial;
+                        backoff.reset();
                     }
                     format!("the connection ended ({})", describe(&outcome.end))
                 }
@@ -241,18 +241,18 @@ impl SocketReceiver {
                     format!("connecting timed out after {CONNECT_TIMEOUT:?}")
                 }
             };
+            let delay = backoff.next_delay();
             tracing::warn!(
                 receiver = ctx.name(),
                 %address,
-                retry_in_ms = backoff.as_millis() as u64,
+                retry_in_ms = delay.as_millis() as u64,
                 "{reason}; reconnecting"
             );
             tokio::select! {
                 biased;
                 () = ctx.shutdown().requested() => return Ok(()),
-                () = sleep(backoff) => {}
+                () = sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(max);
         }
     }
 }

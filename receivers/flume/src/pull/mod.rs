@@ -119,7 +119,7 @@ impl Worker {
         let c = &self.config;
         let first = Duration::from_millis(c.reconnect_backoff_ms);
         let max = Duration::from_millis(c.reconnect_backoff_max_ms);
-        let mut backoff = first;
+        let mut backoff = weir_receiver::Backoff::new(first, max);
         while !self.ctx.is_shutting_down() {
             let connected = tokio::select! {
                 () = self.ctx.shutdown().requested() => break,
@@ -144,7 +144,7 @@ impl Worker {
                         .workers_connected
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     if made_progress {
-                        backoff = first;
+                        backoff.reset();
                     }
                     match end {
                         End::Stop => break,
@@ -153,17 +153,17 @@ impl Worker {
                 }
             };
             FlumePullStats::add(&self.stats.connection_failures, 1);
+            let delay = backoff.next_delay();
             tracing::warn!(
                 receiver = self.ctx.name(),
                 sink = %self.address,
                 worker = self.worker,
-                retry_in_ms = backoff.as_millis() as u64,
+                retry_in_ms = delay.as_millis() as u64,
                 "pull sink connection failed: {reason}"
             );
-            if !self.pause(backoff).await {
+            if !self.pause(delay).await {
                 break;
             }
-            backoff = (backoff * 2).min(max);
         }
     }
 
