@@ -356,13 +356,14 @@ fn receiver_node_sink_survives_kill_9() {
             .unwrap()
             .port()
     };
-    let (push_port, pull_port) = (port(()), port(()));
+    let (push_port, pull_port, mport) = (port(()), port(()), port(()));
     let file = dir.path().join("sink.toml");
     std::fs::write(
         &file,
         format!(
             "data_dir = {:?}\n[push]\naddress = \"127.0.0.1:{push_port}\"\n\
-             [pull]\naddress = \"127.0.0.1:{pull_port}\"\n[queue]\nempty_wait_ms = 300\n",
+             [pull]\naddress = \"127.0.0.1:{pull_port}\"\n[queue]\nempty_wait_ms = 300\n\
+             [metrics]\naddress = \"127.0.0.1:{mport}\"\n",
             dir.path().join("data").display().to_string()
         ),
     )
@@ -392,6 +393,19 @@ fn receiver_node_sink_survives_kill_9() {
         .build()
         .unwrap();
     rt.block_on(push(push_port, 3, 10, "k"));
+    // The sink's own /metrics and /health, as a node has.
+    let (code, metrics) = http_get(mport, "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    for want in [
+        "weir_sink_events_accepted_total 30",
+        "weir_sink_events_queued 30",
+        "weir_flume_events_total{receiver=\"push\"} 30",
+        "weir_waiting_for_space{place=\"wal\"} 0",
+        "weir_wal_fsyncs_total",
+    ] {
+        assert!(metrics.contains(want), "{want} not in {metrics}");
+    }
+    assert_eq!(http_get(mport, "/health"), (200, "ok\n".to_string()));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let mut child = spawn();
@@ -424,6 +438,30 @@ fn receiver_node_sink_survives_kill_9() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tx_timeout"));
     sigterm(&mut child);
+}
+
+/// `GET path` on 127.0.0.1:`port`: status and body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let t0 = Instant::now();
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(20), "{port}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
 }
 
 /// Stops the sink with SIGTERM (via `kill`, no unsafe code) and expects exit 0.

@@ -286,7 +286,7 @@ fn run_sink(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    node::init_logging(&node_config::LogConfig::default());
+    node::init_logging(&config.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -297,34 +297,14 @@ fn run_sink(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            eprintln!("receiver-node: cannot install signal handlers");
-            return ExitCode::from(1);
-        };
-        let sink = match weir::sink::PullSink::start(config).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("receiver-node: error: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        eprintln!(
-            "receiver-node: pull sink ready: push {} pull {}",
-            sink.push_addr, sink.pull_addr
-        );
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    match rt.block_on(node::run_sink(config)) {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            tracing::error!(error = %e, "the pull sink stopped with an error");
+            eprintln!("receiver-node: error: {e}");
+            ExitCode::from(1)
         }
-        tracing::info!("stopping the pull sink");
-        sink.stop().await;
-        ExitCode::from(EXIT_OK)
-    })
+    }
 }
 
 fn run_wal(cmd: WalCommand) -> Result<u8, InspectError> {

@@ -178,7 +178,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             return Ok(());
         }
     };
-    lock(&status).metrics = Some(running.metrics());
+    lock(&status).metrics = Some(Arc::new(running.metrics()));
     tracing::info!("ready");
     let mut check = tokio::time::interval(Duration::from_millis(200));
     let signal_name = loop {
@@ -208,5 +208,46 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     });
     let report = running.stop().await?;
     tracing::info!(completed_through = ?report.completed_through, abandoned = ?report.receivers_abandoned, "stopped cleanly");
+    Ok(())
+}
+
+/// Runs a pull sink (`receiver-node sink`) until SIGTERM/SIGINT: its queue, push and pull
+/// listeners, and the same `/metrics` and `/health` endpoint as a node (with the sink's
+/// figures; `/health` is degraded while its queue waits for disk space).
+///
+/// # Errors
+/// [`NodeError::Startup`] if a listener cannot be bound, the signal handlers cannot be
+/// installed or the queue cannot be opened.
+pub async fn run_sink(config: crate::sink::PullSinkConfig) -> Result<(), NodeError> {
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| NodeError::Startup(format!("SIGTERM handler: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| NodeError::Startup(format!("SIGINT handler: {e}")))?;
+    let status: http::SharedStatus = Arc::default();
+    let _http = if config.metrics.enabled {
+        Some(
+            http::serve(config.metrics.address, status.clone())
+                .await
+                .map_err(NodeError::Startup)?,
+        )
+    } else {
+        None
+    };
+    let sink = crate::sink::PullSink::start(config)
+        .await
+        .map_err(|e| NodeError::Startup(e.to_string()))?;
+    lock(&status).metrics = Some(Arc::new(stats::SinkStatus::new(&sink)));
+    tracing::info!(push = %sink.push_addr, pull = %sink.pull_addr, "pull sink ready");
+    eprintln!(
+        "receiver-node: pull sink ready: push {} pull {}",
+        sink.push_addr, sink.pull_addr
+    );
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping the pull sink");
+    lock(&status).stopping = true;
+    sink.stop().await;
     Ok(())
 }

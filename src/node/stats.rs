@@ -399,3 +399,161 @@ pub fn flume_pull(receiver: &str, stats: Arc<weir_flume::FlumePullStats>) -> Col
         ));
     })
 }
+
+/// `/metrics` and `/health` of a pull sink (`receiver-node sink`): its push side (the Flume
+/// source's `weir_flume_*`, labelled `receiver="push"`), its pull side
+/// (`weir_sink_pull_*`), its queue (`weir_sink_*`) and the queue's log (`weir_wal_*`).
+pub struct SinkStatus {
+    push: Collector,
+    pull: Arc<weir_flume::sink_server::PullServerStats>,
+    queue: Arc<crate::sink::SinkQueue>,
+}
+
+impl SinkStatus {
+    /// The status of `sink`.
+    pub fn new(sink: &crate::sink::PullSink) -> SinkStatus {
+        SinkStatus {
+            push: flume("push", sink.push_stats().clone()),
+            pull: sink.pull_stats().clone(),
+            queue: sink.queue().clone(),
+        }
+    }
+
+    /// Every sample.
+    pub fn samples(&self) -> Vec<Sample> {
+        use MetricKind::{Counter as C, Gauge as G};
+        let mut out = Vec::new();
+        (self.push)(&mut out);
+        let p = &self.pull;
+        let q = self.queue.stats();
+        for (name, help, kind, v) in [
+            (
+                "weir_sink_pull_connections_accepted_total",
+                "Pull connections served.",
+                C,
+                &p.connections_accepted,
+            ),
+            (
+                "weir_sink_pull_connections_active",
+                "Pull connections open now.",
+                G,
+                &p.connections_active,
+            ),
+            (
+                "weir_sink_pull_connections_rejected_total",
+                "Pull connections closed at once (max_connections).",
+                C,
+                &p.connections_rejected,
+            ),
+            (
+                "weir_sink_pull_batches_served_total",
+                "Batches handed out with events.",
+                C,
+                &p.batches_served,
+            ),
+            (
+                "weir_sink_pull_events_served_total",
+                "Events handed out (redeliveries included).",
+                C,
+                &p.events_served,
+            ),
+            (
+                "weir_sink_pull_error_batches_total",
+                "Error batches answered (nothing to serve).",
+                C,
+                &p.error_batches,
+            ),
+            ("weir_sink_pull_acks_total", "ack calls.", C, &p.acks),
+            ("weir_sink_pull_nacks_total", "nack calls.", C, &p.nacks),
+            (
+                "weir_sink_pull_malformed_closed_total",
+                "Pull connections closed for malformed input.",
+                C,
+                &p.malformed_closed,
+            ),
+            (
+                "weir_sink_events_accepted_total",
+                "Events made durable (pushes answered OK).",
+                C,
+                &q.events_accepted,
+            ),
+            (
+                "weir_sink_events_acked_total",
+                "Events whose transaction was committed.",
+                C,
+                &q.events_acked,
+            ),
+            (
+                "weir_sink_events_queued",
+                "Events held now (ready or handed out, not acked).",
+                G,
+                &q.events_queued,
+            ),
+            (
+                "weir_sink_rollbacks_nack_total",
+                "Transactions rolled back by nack.",
+                C,
+                &q.rollbacks_nack,
+            ),
+            (
+                "weir_sink_rollbacks_timeout_total",
+                "Transactions rolled back by tx_timeout_ms.",
+                C,
+                &q.rollbacks_timeout,
+            ),
+            (
+                "weir_sink_ignored_total",
+                "ack/nack of unknown or finished sequence numbers.",
+                C,
+                &q.ignored,
+            ),
+            (
+                "weir_sink_events_recovered_total",
+                "Events found again when the queue was opened.",
+                C,
+                &q.events_recovered,
+            ),
+            (
+                "weir_sink_pushes_refused_floor_total",
+                "Pushes refused because free space was below the floor.",
+                C,
+                &q.pushes_refused_floor,
+            ),
+        ] {
+            out.push(sample(name, help, kind, Vec::new(), v.load(Relaxed)));
+        }
+        let w = self.queue.wal().metrics().snapshot();
+        crate::stream::metrics::wal_samples(&w, &mut out);
+        for (place, v) in [
+            ("wal", w.waiting_for_space),
+            ("free_space_floor", q.below_floor.load(Relaxed)),
+        ] {
+            out.push(sample(
+                "weir_waiting_for_space",
+                "1 while writes at this place wait for disk space (wal: the queue's log; free_space_floor: pushes refused).",
+                G,
+                vec![("place", place.to_string())],
+                v,
+            ));
+        }
+        out
+    }
+}
+
+impl super::http::StatusSource for SinkStatus {
+    fn prometheus_text(&self) -> String {
+        crate::stream::metrics::render_prometheus(self.samples())
+    }
+
+    fn waiting_for_space(&self) -> Vec<&'static str> {
+        let q = self.queue.stats();
+        let mut v = Vec::new();
+        if self.queue.wal().metrics().snapshot().waiting_for_space > 0 {
+            v.push("wal");
+        }
+        if q.below_floor.load(Relaxed) > 0 {
+            v.push("free_space_floor");
+        }
+        v
+    }
+}

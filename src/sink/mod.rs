@@ -49,6 +49,10 @@ pub struct PullSinkConfig {
     pub queue: QueueConfig,
     /// The queue's write-ahead log (`fsync = "always"` by default: keep it for the promise).
     pub wal: WalConfig,
+    /// The HTTP endpoint (`/metrics`, `/health`) of `receiver-node sink`.
+    pub metrics: SinkMetricsConfig,
+    /// Logging of `receiver-node sink`: `format`, `level` (as a node's `[log]`).
+    pub log: crate::node::config::LogConfig,
 }
 
 impl Default for PullSinkConfig {
@@ -59,6 +63,27 @@ impl Default for PullSinkConfig {
             pull: PullServerConfig::default(),
             queue: QueueConfig::default(),
             wal: WalConfig::default(),
+            metrics: SinkMetricsConfig::default(),
+            log: crate::node::config::LogConfig::default(),
+        }
+    }
+}
+
+/// `[metrics]` of a pull sink's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkMetricsConfig {
+    /// Listen address of `/metrics` and `/health`. Default 127.0.0.1:9899 (a node's is 9898).
+    pub address: std::net::SocketAddr,
+    /// Set to false to run without the endpoint. Default true.
+    pub enabled: bool,
+}
+
+impl Default for SinkMetricsConfig {
+    fn default() -> Self {
+        SinkMetricsConfig {
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], 9899)),
+            enabled: true,
         }
     }
 }

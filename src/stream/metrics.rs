@@ -480,84 +480,16 @@ impl MetricsRegistry {
             }
         }
         let w = self.wal.snapshot();
-        for (name, help, kind, v) in [
-            (
-                "weir_wal_appends_total",
-                "Records acknowledged by the WAL.",
-                C,
-                w.appends,
-            ),
-            (
-                "weir_wal_append_bytes_total",
-                "Payload bytes acknowledged by the WAL.",
-                C,
-                w.append_bytes,
-            ),
-            (
-                "weir_wal_group_commits_total",
-                "WAL group commits.",
-                C,
-                w.group_commits,
-            ),
-            (
-                "weir_wal_fsyncs_total",
-                "WAL segment fdatasyncs.",
-                C,
-                w.fsyncs,
-            ),
-            (
-                "weir_wal_dir_fsyncs_total",
-                "WAL directory fsyncs.",
-                C,
-                w.dir_fsyncs,
-            ),
-            (
-                "weir_wal_enospc_retries_total",
-                "Writes retried because the disk was full.",
-                C,
-                w.enospc_retries,
-            ),
-            (
-                "weir_wal_waiting_for_space",
-                "1 while the WAL waits for disk space.",
-                G,
-                w.waiting_for_space,
-            ),
-            ("weir_wal_segments", "WAL segments on disk.", G, w.segments),
-            ("weir_wal_bytes", "Bytes in WAL segments.", G, w.wal_bytes),
-            (
-                "weir_wal_segments_deleted_total",
-                "WAL segments deleted by cleanup.",
-                C,
-                w.segments_deleted,
-            ),
-            (
-                "weir_wal_corrupt_records_total",
-                "WAL records lost to corruption.",
-                C,
-                w.corrupt_records,
-            ),
-            (
-                "weir_wal_corrupt_bytes_total",
-                "WAL bytes lost to corruption.",
-                C,
-                w.corrupt_bytes,
-            ),
-            (
-                "weir_wal_torn_bytes_truncated_total",
-                "Torn-tail bytes truncated by recovery.",
-                C,
-                w.torn_bytes_truncated,
-            ),
-            (
-                "weir_wal_fatal",
-                "1 once the WAL stopped after a fatal error.",
-                G,
-                w.fatal,
-            ),
-        ] {
-            push(name, help, kind, Vec::new(), v);
-        }
+        wal_samples(&w, &mut out);
+        let mut push = |name, help, kind, labels: Vec<(&'static str, String)>, value: u64| {
+            out.push(Sample {
+                name,
+                help,
+                kind,
+                labels,
+                value: value as f64,
+            });
+        };
         for (place, waiting) in self.waiting_places() {
             push(
                 "weir_waiting_for_space",
@@ -605,37 +537,130 @@ impl MetricsRegistry {
 
     /// Renders every metric in the Prometheus text exposition format.
     pub fn prometheus_text(&self) -> String {
-        let mut s = String::new();
-        let mut last = "";
-        let mut samples = self.samples();
-        // Samples of one name (one per receiver) must be adjacent; the sort is stable.
-        samples.sort_by(|a, b| a.name.cmp(b.name));
-        for m in samples {
-            if m.name != last {
-                let kind = match m.kind {
-                    MetricKind::Counter => "counter",
-                    MetricKind::Gauge => "gauge",
-                };
-                let _ = writeln!(s, "# HELP {} {}\n# TYPE {} {kind}", m.name, m.help, m.name);
-                last = m.name;
-            }
-            s.push_str(m.name);
-            if !m.labels.is_empty() {
-                s.push('{');
-                for (i, (k, v)) in m.labels.iter().enumerate() {
-                    if i > 0 {
-                        s.push(',');
-                    }
-                    let v = v
-                        .replace('\\', "\\\\")
-                        .replace('"', "\\\"")
-                        .replace('\n', "\\n");
-                    let _ = write!(s, "{k}=\"{v}\"");
-                }
-                s.push('}');
-            }
-            let _ = writeln!(s, " {}", m.value);
-        }
-        s
+        render_prometheus(self.samples())
     }
+}
+
+/// The WAL's samples (`weir_wal_*`), from a snapshot of its counters.
+pub fn wal_samples(w: &crate::wal::WalMetricsSnapshot, out: &mut Vec<Sample>) {
+    use MetricKind::{Counter as C, Gauge as G};
+    for (name, help, kind, v) in [
+        (
+            "weir_wal_appends_total",
+            "Records acknowledged by the WAL.",
+            C,
+            w.appends,
+        ),
+        (
+            "weir_wal_append_bytes_total",
+            "Payload bytes acknowledged by the WAL.",
+            C,
+            w.append_bytes,
+        ),
+        (
+            "weir_wal_group_commits_total",
+            "WAL group commits.",
+            C,
+            w.group_commits,
+        ),
+        (
+            "weir_wal_fsyncs_total",
+            "WAL segment fdatasyncs.",
+            C,
+            w.fsyncs,
+        ),
+        (
+            "weir_wal_dir_fsyncs_total",
+            "WAL directory fsyncs.",
+            C,
+            w.dir_fsyncs,
+        ),
+        (
+            "weir_wal_enospc_retries_total",
+            "Writes retried because the disk was full.",
+            C,
+            w.enospc_retries,
+        ),
+        (
+            "weir_wal_waiting_for_space",
+            "1 while the WAL waits for disk space.",
+            G,
+            w.waiting_for_space,
+        ),
+        ("weir_wal_segments", "WAL segments on disk.", G, w.segments),
+        ("weir_wal_bytes", "Bytes in WAL segments.", G, w.wal_bytes),
+        (
+            "weir_wal_segments_deleted_total",
+            "WAL segments deleted by cleanup.",
+            C,
+            w.segments_deleted,
+        ),
+        (
+            "weir_wal_corrupt_records_total",
+            "WAL records lost to corruption.",
+            C,
+            w.corrupt_records,
+        ),
+        (
+            "weir_wal_corrupt_bytes_total",
+            "WAL bytes lost to corruption.",
+            C,
+            w.corrupt_bytes,
+        ),
+        (
+            "weir_wal_torn_bytes_truncated_total",
+            "Torn-tail bytes truncated by recovery.",
+            C,
+            w.torn_bytes_truncated,
+        ),
+        (
+            "weir_wal_fatal",
+            "1 once the WAL stopped after a fatal error.",
+            G,
+            w.fatal,
+        ),
+    ] {
+        out.push(Sample {
+            name,
+            help,
+            kind,
+            labels: Vec::new(),
+            value: v as f64,
+        });
+    }
+}
+
+/// Renders samples in the Prometheus text exposition format (samples of one name together).
+pub fn render_prometheus(mut samples: Vec<Sample>) -> String {
+    let mut s = String::new();
+    let mut last = "";
+    // Samples of one name (one per receiver) must be adjacent; the sort is stable.
+    samples.sort_by(|a, b| a.name.cmp(b.name));
+    for m in samples {
+        if m.name != last {
+            let kind = match m.kind {
+                MetricKind::Counter => "counter",
+                MetricKind::Gauge => "gauge",
+            };
+            let _ = writeln!(s, "# HELP {} {}\n# TYPE {} {kind}", m.name, m.help, m.name);
+            last = m.name;
+        }
+        s.push_str(m.name);
+        if !m.labels.is_empty() {
+            s.push('{');
+            for (i, (k, v)) in m.labels.iter().enumerate() {
+                if i > 0 {
+                    s.push(',');
+                }
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(s, "{k}=\"{v}\"");
+            }
+            s.push('}');
+        }
+        let _ = writeln!(s, " {}", m.value);
+    }
+    s
 }
