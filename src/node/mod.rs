@@ -130,6 +130,40 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
     Ok(ctx)
 }
 
+/// What `run` and `run_sink` share: the signal handlers and, when enabled, the HTTP endpoint.
+struct Daemon {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    status: http::SharedStatus,
+    /// Serves until dropped with the runtime.
+    _http: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    async fn start(http_enabled: bool, address: std::net::SocketAddr) -> Result<Daemon, NodeError> {
+        let term = signal(SignalKind::terminate())
+            .map_err(|e| NodeError::Startup(format!("SIGTERM handler: {e}")))?;
+        let int = signal(SignalKind::interrupt())
+            .map_err(|e| NodeError::Startup(format!("SIGINT handler: {e}")))?;
+        let status: http::SharedStatus = Arc::default();
+        let _http = if http_enabled {
+            Some(
+                http::serve(address, status.clone())
+                    .await
+                    .map_err(NodeError::Startup)?,
+            )
+        } else {
+            None
+        };
+        Ok(Daemon {
+            term,
+            int,
+            status,
+            _http,
+        })
+    }
+}
+
 /// A refused or conflicting id is a configuration error (exit 2); I/O errors are not.
 fn identity_error(e: crate::identity::IdentityError) -> NodeError {
     use crate::identity::IdentityError as E;
@@ -146,20 +180,12 @@ fn identity_error(e: crate::identity::IdentityError) -> NodeError {
 /// # Errors
 /// [`NodeError`] if the node could not start or failed.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| NodeError::Startup(format!("SIGTERM handler: {e}")))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| NodeError::Startup(format!("SIGINT handler: {e}")))?;
-    let status: http::SharedStatus = Arc::default();
-    let _http = if config.metrics.enabled {
-        Some(
-            http::serve(config.metrics.address, status.clone())
-                .await
-                .map_err(NodeError::Startup)?,
-        )
-    } else {
-        None
-    };
+    let Daemon {
+        mut term,
+        mut int,
+        status,
+        _http,
+    } = Daemon::start(config.metrics.enabled, config.metrics.address).await?;
     tracing::info!(
         data_dir = %config.data_dir.display(), receivers = config.receivers.len(),
         outputs = config.outputs.len(), fsync = %config.engine.wal.fsync,
@@ -219,20 +245,12 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
 /// [`NodeError::Startup`] if a listener cannot be bound, the signal handlers cannot be
 /// installed or the queue cannot be opened.
 pub async fn run_sink(config: crate::sink::PullSinkConfig) -> Result<(), NodeError> {
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| NodeError::Startup(format!("SIGTERM handler: {e}")))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| NodeError::Startup(format!("SIGINT handler: {e}")))?;
-    let status: http::SharedStatus = Arc::default();
-    let _http = if config.metrics.enabled {
-        Some(
-            http::serve(config.metrics.address, status.clone())
-                .await
-                .map_err(NodeError::Startup)?,
-        )
-    } else {
-        None
-    };
+    let Daemon {
+        mut term,
+        mut int,
+        status,
+        _http,
+    } = Daemon::start(config.metrics.enabled, config.metrics.address).await?;
     let sink = crate::sink::PullSink::start(config)
         .await
         .map_err(|e| NodeError::Startup(e.to_string()))?;

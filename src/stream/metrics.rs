@@ -480,16 +480,6 @@ impl MetricsRegistry {
             }
         }
         let w = self.wal.snapshot();
-        wal_samples(&w, &mut out);
-        let mut push = |name, help, kind, labels: Vec<(&'static str, String)>, value: u64| {
-            out.push(Sample {
-                name,
-                help,
-                kind,
-                labels,
-                value: value as f64,
-            });
-        };
         for (place, waiting) in self.waiting_places() {
             push(
                 "weir_waiting_for_space",
@@ -522,6 +512,7 @@ impl MetricsRegistry {
         ] {
             push(name, help, G, Vec::new(), v);
         }
+        wal_samples(&w, &mut out);
         let collectors = self
             .engine
             .collectors
