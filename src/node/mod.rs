@@ -132,11 +132,26 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
 
 /// What `run` and `run_sink` share: the signal handlers and, when enabled, the HTTP endpoint.
 struct Daemon {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+    signals: Signals,
     status: http::SharedStatus,
     /// Serves until dropped with the runtime.
     _http: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// SIGTERM and SIGINT.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Waits for the next SIGTERM or SIGINT and names it.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 impl Daemon {
@@ -156,8 +171,7 @@ impl Daemon {
             None
         };
         Ok(Daemon {
-            term,
-            int,
+            signals: Signals { term, int },
             status,
             _http,
         })
@@ -181,8 +195,7 @@ fn identity_error(e: crate::identity::IdentityError) -> NodeError {
 /// [`NodeError`] if the node could not start or failed.
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let Daemon {
-        mut term,
-        mut int,
+        mut signals,
         status,
         _http,
     } = Daemon::start(config.metrics.enabled, config.metrics.address).await?;
@@ -195,12 +208,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     // ends the wait (nothing was acknowledged yet in this run, and the WAL is as it was).
     let running = tokio::select! {
         r = context(&config)?.start() => r?,
-        _ = term.recv() => {
-            tracing::info!("SIGTERM during recovery: exiting");
-            return Ok(());
-        }
-        _ = int.recv() => {
-            tracing::info!("SIGINT during recovery: exiting");
+        signal = signals.next() => {
+            tracing::info!(signal, "signal during recovery: exiting");
             return Ok(());
         }
     };
@@ -209,8 +218,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let mut check = tokio::time::interval(Duration::from_millis(200));
     let signal_name = loop {
         tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
+            signal = signals.next() => break signal,
             _ = check.tick() => {
                 if let Some(f) = running.failure() {
                     lock(&status).failure = Some(f.clone());
@@ -223,10 +231,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     tracing::info!(signal = signal_name, "draining: stopping receivers, persisting pending blocks, finishing the batch in flight (signal again to exit at once)");
     lock(&status).stopping = true;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        signals.next().await;
         tracing::warn!(
             "second signal: exiting now without draining (the WAL holds everything acknowledged)"
         );
@@ -245,12 +250,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
 /// [`NodeError::Startup`] if a listener cannot be bound, the signal handlers cannot be
 /// installed or the queue cannot be opened.
 pub async fn run_sink(config: crate::sink::PullSinkConfig) -> Result<(), NodeError> {
-    let Daemon {
-        mut term,
-        mut int,
-        status,
-        _http,
-    } = Daemon::start(config.metrics.enabled, config.metrics.address).await?;
+    let mut daemon = Daemon::start(config.metrics.enabled, config.metrics.address).await?;
+    let status = daemon.status.clone();
     let sink = crate::sink::PullSink::start(config)
         .await
         .map_err(|e| NodeError::Startup(e.to_string()))?;
@@ -260,11 +261,8 @@ pub async fn run_sink(config: crate::sink::PullSinkConfig) -> Result<(), NodeErr
         "receiver-node: pull sink ready: push {} pull {}",
         sink.push_addr, sink.pull_addr
     );
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("stopping the pull sink");
+    let signal = daemon.signals.next().await;
+    tracing::info!(signal, "stopping the pull sink");
     lock(&status).stopping = true;
     sink.stop().await;
     Ok(())

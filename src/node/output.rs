@@ -60,7 +60,8 @@ pub fn batch_file_name(time: u64, node_id: &str, format: OutputFormat) -> String
 /// The Kafka output's header naming the node that produced a record.
 pub const NODE_HEADER: &str = "weir.node";
 /// The Kafka output's header holding the record's batch time (decimal ms since the epoch):
-/// with [`NODE_HEADER`], the key a consumer can deduplicate a re-run batch on.
+/// with [`NODE_HEADER`], it tells a consumer which batch a record belongs to, so that a batch
+/// produced again can be recognised.
 pub const BATCH_TIME_HEADER: &str = "weir.batch_time";
 
 /// Writes one record in `format`; `jsonl` names the receiver and the node.

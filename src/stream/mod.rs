@@ -595,11 +595,11 @@ impl Engine {
         let committed = match &*lock(&self.tracker) {
             Some(t) => t.commit(&commit),
             None => {
-                let msg = "the engine has stopped".to_string();
+                let msg = format!("allocating batch {}: the engine has stopped", p.time);
+                self.fail(msg.clone());
                 return Err(EngineError::Failed(msg));
             }
         };
-        drop(commit);
         match committed {
             Ok(()) => {
                 self.metrics.space.succeeded(Place::Tracker);
@@ -694,16 +694,12 @@ impl Engine {
         tracing::debug!("tracker reopened after a full disk");
         *lock(&self.tracker) = Some(tracker);
         self.tracker_broken.store(false, Relaxed);
-        let landed = lock(&self.pending_alloc)
-            .as_ref()
-            .is_some_and(|p| state.batches.contains_key(&p.time));
-        if landed {
-            let p = lock(&self.pending_alloc).take().expect("checked above");
+        let landed = lock(&self.pending_alloc).take_if(|p| state.batches.contains_key(&p.time));
+        if let Some(mut p) = landed {
             tracing::info!(
                 batch = p.time,
                 "the allocation whose commit failed was durable after all"
             );
-            let mut p = p;
             p.completed_through = state.completed_through;
             self.allocated(p);
         }
