@@ -32,11 +32,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir::wal::codec::{
+use weir_wal::codec::{
     decode_frame, decode_header, encode_frame, encode_header, Frame, FrameError, HeaderError,
     FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
-use weir::wal::recovery::{scan_segment, HeaderState, RecordLoc, SegmentScan};
+use weir_wal::recovery::{scan_segment, HeaderState, RecordLoc, SegmentScan};
 
 /// Max record sizes `decode_frame` is tried with (besides ones derived from the input).
 const MAXES: [u32; 8] = [0, 1, 7, 8, 255, 4096, 256 << 20, u32::MAX];

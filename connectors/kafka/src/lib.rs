@@ -1,0 +1,676 @@
+//! Kafka receivers for weir.
+//!
+//! [`KafkaReceiver`] is a reliable high-level consumer: it joins a consumer group (`subscribe`,
+//! cooperative-sticky assignment by default), stores what it polls, and commits an offset only
+//! after the block holding that record is durable in the WAL — never before
+//! (`enable.auto.commit=false`). On a revocation it stops taking records from the revoked
+//! partitions, waits until what it took from them is durable, commits those offsets
+//! synchronously, and only then lets them go. On (re)assignment it resumes each partition after
+//! the highest offset already in the WAL when that is ahead of the group's committed offset, so a
+//! crash between "durable" and "committed" stores nothing twice on this node.
+//!
+//! Delivery is at-least-once across nodes (a partition moved to another node after a crash
+//! resumes from the committed offset); on one node it is exactly-once into the WAL.
+//!
+//! [`KafkaOutput`] (module [`output`]) is the other direction: it produces batches to a topic
+//! with an idempotent producer and succeeds only when every record is acknowledged.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod direct;
+pub use direct::{DirectStats, KafkaDirectSource};
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+pub(crate) use weir_receiver::lock;
+use weir_receiver::{
+    Checkpoint, Position, Receiver, ReceiverContext, ReceiverError, Record, StoreFuture,
+};
+
+/// Configuration of a [`KafkaReceiver`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`. Required.
+    pub bootstrap_servers: String,
+    /// `group.id`. Required.
+    pub group_id: String,
+    /// Topics to subscribe to. Required unless `topic_regex` is set.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// A regular expression of topics to subscribe to (librdkafka syntax, without the leading
+    /// `^`, which is added).
+    #[serde(default)]
+    pub topic_regex: Option<String>,
+    /// Any librdkafka consumer property (security, SASL, SSL, fetch sizes, ...), passed through.
+    /// `enable.auto.commit`, `enable.auto.offset.store`, `group.id` and `bootstrap.servers` are
+    /// set by weir and refused here.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// At most this many records per `store()` call. Default 10000.
+    #[serde(default = "default_max_poll_records")]
+    pub max_poll_records: usize,
+    /// `store()` calls that may be outstanding before polling waits. Default 64.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Durable offsets are committed (asynchronously) at most this often, ms. Default 1000.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// How long a revocation waits for the revoked partitions' records to become durable, ms.
+    /// Default 30000. If it passes, their offsets are not committed (they are redelivered).
+    #[serde(default = "default_revoke_timeout_ms")]
+    pub revoke_timeout_ms: u64,
+    /// `group` (default): the reliable consumer-group member, records stored in the WAL.
+    /// `direct`: Spark's direct approach (see [`KafkaDirectSource`]); nothing goes through the
+    /// WAL, each batch records offset ranges and reads them from Kafka.
+    #[serde(default)]
+    pub mode: KafkaMode,
+    /// Direct mode: at most this many offsets per partition in one batch. Default 100000.
+    #[serde(default = "default_max_records_per_partition")]
+    pub max_records_per_partition: u64,
+    /// Direct mode: commit each completed batch's offsets back to `group_id` (for monitoring
+    /// tools; weir itself resumes from its tracker). Default true.
+    #[serde(default = "default_true")]
+    pub commit_offsets: bool,
+    /// Direct mode: reading a batch's ranges fails (and is retried) after this long without
+    /// progress, ms. Default 30000.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+}
+
+/// How a Kafka receiver consumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaMode {
+    /// A consumer-group member whose records go through the WAL ([`KafkaReceiver`]).
+    #[default]
+    Group,
+    /// Offset ranges per batch, read from Kafka itself ([`KafkaDirectSource`]).
+    Direct,
+}
+
+fn default_max_records_per_partition() -> u64 {
+    100_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_read_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_max_poll_records() -> usize {
+    10_000
+}
+fn default_max_in_flight() -> usize {
+    64
+}
+fn default_commit_interval_ms() -> u64 {
+    1000
+}
+fn default_revoke_timeout_ms() -> u64 {
+    30_000
+}
+
+const RESERVED: [&str; 4] = [
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+];
+
+impl KafkaConfig {
+    /// A configuration with the required keys and defaults for the rest.
+    pub fn new(bootstrap_servers: &str, group_id: &str, topics: &[&str]) -> Self {
+        KafkaConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            group_id: group_id.into(),
+            topics: topics.iter().map(|t| (*t).to_string()).collect(),
+            topic_regex: None,
+            properties: BTreeMap::new(),
+            max_poll_records: default_max_poll_records(),
+            max_in_flight: default_max_in_flight(),
+            commit_interval_ms: default_commit_interval_ms(),
+            revoke_timeout_ms: default_revoke_timeout_ms(),
+            mode: KafkaMode::Group,
+            max_records_per_partition: default_max_records_per_partition(),
+            commit_offsets: true,
+            read_timeout_ms: default_read_timeout_ms(),
+        }
+    }
+
+    /// Checks the required keys and limits; the message names the key.
+    ///
+    /// # Errors
+    /// A description of the first problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err("bootstrap_servers is required (host:port[,host:port...])".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return Err("group_id is required".into());
+        }
+        match (&self.topics[..], &self.topic_regex) {
+            ([], None) => return Err("topics (a list) or topic_regex is required".into()),
+            ([_, ..], Some(_)) => return Err("set topics or topic_regex, not both".into()),
+            _ => {}
+        }
+        if self.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err("topics must not contain an empty name".into());
+        }
+        for k in RESERVED {
+            if self.properties.contains_key(k) {
+                return Err(format!(
+                    "properties.\"{k}\" is set by weir and cannot be overridden"
+                ));
+            }
+        }
+        if self.max_poll_records == 0 {
+            return Err("max_poll_records must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight must be at least 1".into());
+        }
+        if self.commit_interval_ms == 0 {
+            return Err("commit_interval_ms must be at least 1".into());
+        }
+        if self.mode == KafkaMode::Direct {
+            if self.topic_regex.is_some() {
+                return Err("topic_regex is not supported in direct mode: list the topics".into());
+            }
+            if self.max_records_per_partition == 0 {
+                return Err("max_records_per_partition must be at least 1".into());
+            }
+            if self.read_timeout_ms == 0 {
+                return Err("read_timeout_ms must be at least 1".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters of a [`KafkaReceiver`].
+#[derive(Debug, Default)]
+pub struct KafkaStats {
+    /// Records polled and handed to `store()`.
+    pub records: AtomicU64,
+    /// Payload bytes polled.
+    pub bytes: AtomicU64,
+    /// Successful commits.
+    pub commits: AtomicU64,
+    /// Failed commits (retried with the next one).
+    pub commit_failures: AtomicU64,
+    /// Rebalances (assignments and revocations) seen.
+    pub rebalances: AtomicU64,
+    /// Per (topic, partition): high watermark minus the next offset to consume, as last seen.
+    pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+}
+
+/// Offsets per (topic, partition): what was taken (handed to `store()`) and what is durable.
+#[derive(Debug, Default)]
+struct Progress {
+    taken: HashMap<(String, i32), i64>,
+    durable: HashMap<(String, i32), i64>,
+    committed: HashMap<(String, i32), i64>,
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+    checkpoint: Mutex<Checkpoint>,
+    stats: Arc<KafkaStats>,
+    revoke_timeout: Duration,
+}
+
+impl Shared {
+    /// Commits `durable + 1` for the given partitions (all, if `None`) that moved since the last
+    /// commit.
+    fn commit(&self, c: &BaseConsumer<Ctx>, only: Option<&TopicPartitionList>, mode: CommitMode) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let p = lock(&self.progress);
+            for ((t, part), off) in &p.durable {
+                if let Some(only) = only {
+                    if only.find_partition(t, *part).is_none() {
+                        continue;
+                    }
+                }
+                if p.committed.get(&(t.clone(), *part)) != Some(off) {
+                    let _ = tpl.add_partition_offset(t, *part, Offset::Offset(off + 1));
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        match c.commit(&tpl, mode) {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Relaxed);
+                let mut p = lock(&self.progress);
+                for e in tpl.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        p.committed
+                            .insert((e.topic().to_string(), e.partition()), o - 1);
+                    }
+                }
+            }
+            Err(e) => {
+                self.stats.commit_failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "offset commit failed; retried with the next commit");
+            }
+        }
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let s = &self.shared;
+        s.stats.rebalances.fetch_add(1, Relaxed);
+        let cooperative = matches!(c.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Resume after what is already in the WAL when that is ahead of the group.
+                let committed = c
+                    .committed_offsets(tpl.clone(), Duration::from_secs(10))
+                    .ok();
+                let cp = lock(&s.checkpoint).clone();
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                for (t, p) in parts {
+                    let group = committed
+                        .as_ref()
+                        .and_then(|c| c.find_partition(&t, p))
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        });
+                    // What this node holds: the WAL checkpoint it started with, or what it made
+                    // durable since (a partition revoked and assigned again within one run,
+                    // whose revocation commit the group may have rejected).
+                    let durable = lock(&s.progress).durable.get(&(t.clone(), p)).copied();
+                    let wal = cp
+                        .get(&t, p)
+                        .map(|o| o as i64 + 1)
+                        .max(durable.map(|d| d + 1));
+                    let start = match (group, wal) {
+                        (Some(g), Some(w)) => Some(g.max(w)),
+                        (g, w) => g.or(w),
+                    };
+                    if let Some(start) = start {
+                        let _ = tpl.set_partition_offset(&t, p, Offset::Offset(start));
+                    }
+                    tracing::info!(topic = %t, partition = p, ?group, ?wal, ?start, "partition assigned");
+                }
+                let r = if cooperative {
+                    c.incremental_assign(tpl)
+                } else {
+                    c.assign(tpl)
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                    lock(&s.progress).failed = Some(format!("assign: {e}"));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                // Wait until everything taken from the revoked partitions is durable.
+                let deadline = Instant::now() + s.revoke_timeout;
+                let mut p = lock(&s.progress);
+                loop {
+                    let pending = revoked.iter().any(|k| {
+                        p.taken
+                            .get(k)
+                            .is_some_and(|t| p.durable.get(k).is_none_or(|d| d < t))
+                    });
+                    if !pending || p.failed.is_some() {
+                        break;
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        tracing::warn!(?revoked, "revoked partitions not durable in time: their offsets stay uncommitted (redelivered)");
+                        break;
+                    }
+                    p = s
+                        .changed
+                        .wait_timeout(p, left.min(Duration::from_millis(100)))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                }
+                drop(p);
+                if !c.assignment_lost() {
+                    s.commit(c, Some(tpl), CommitMode::Sync);
+                }
+                {
+                    let mut p = lock(&s.progress);
+                    for k in &revoked {
+                        p.taken.remove(k);
+                    }
+                }
+                let r = if cooperative {
+                    c.incremental_unassign(tpl)
+                } else {
+                    c.unassign()
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "unassigning partitions failed");
+                }
+                tracing::info!(
+                    ?revoked,
+                    "partitions revoked after their records were made durable"
+                );
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                if !cooperative {
+                    let _ = c.unassign();
+                }
+            }
+        }
+    }
+}
+
+/// The reliable high-level consumer. See the crate documentation.
+#[derive(Debug, Clone)]
+pub struct KafkaReceiver {
+    config: KafkaConfig,
+    stats: Arc<KafkaStats>,
+}
+
+impl KafkaReceiver {
+    /// A receiver for `config`.
+    ///
+    /// # Errors
+    /// The validation message, naming the key.
+    pub fn new(config: KafkaConfig) -> Result<Self, String> {
+        config.validate()?;
+        if config.mode == KafkaMode::Direct {
+            return Err(
+                "mode = \"direct\" is served by KafkaDirectSource, not KafkaReceiver".into(),
+            );
+        }
+        Ok(KafkaReceiver {
+            config,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<KafkaStats> {
+        self.stats.clone()
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("partition.assignment.strategy", "cooperative-sticky")
+            .set("auto.offset.reset", "earliest");
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &self.config.bootstrap_servers)
+            .set("group.id", &self.config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        c
+    }
+}
+
+/// What the poll thread hands the acknowledging task: a store and the offsets it covers.
+struct InFlight {
+    store: StoreFuture,
+    offsets: Vec<((String, i32), i64)>,
+}
+
+impl Receiver for KafkaReceiver {
+    async fn run(&self, ctx: ReceiverContext) -> Result<(), ReceiverError> {
+        let shared = Arc::new(Shared {
+            stats: self.stats.clone(),
+            revoke_timeout: Duration::from_millis(self.config.revoke_timeout_ms),
+            ..Shared::default()
+        });
+        *lock(&shared.checkpoint) = ctx.checkpoint();
+        let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
+            self.client_config()
+                .create_with_context(Ctx {
+                    shared: shared.clone(),
+                })
+                .map_err(|e| ReceiverError::context("creating the Kafka consumer", e))?,
+        );
+        // Lag needs broker round trips (watermarks): a thread of its own, off the poll path.
+        let lag_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lag_thread = {
+            let (c, stats, stop) = (consumer.clone(), self.stats.clone(), lag_stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    for _ in 0..50 {
+                        if stop.load(Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    update_lag(&c, &stats);
+                }
+            })
+        };
+        let subscribe: Vec<String> = match &self.config.topic_regex {
+            Some(r) => vec![format!("^{r}")],
+            None => self.config.topics.clone(),
+        };
+        let refs: Vec<&str> = subscribe.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&refs)
+            .map_err(|e| ReceiverError::context("subscribing", e))?;
+
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<InFlight>(self.config.max_in_flight);
+        // Await stores in order; record durable offsets; wake a waiting revocation.
+        let acker_shared = shared.clone();
+        let acker = tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                let r = f.store.await;
+                let mut p = lock(&acker_shared.progress);
+                match r {
+                    Ok(_) => {
+                        for (k, o) in f.offsets {
+                            let d = p.durable.entry(k).or_insert(o);
+                            *d = (*d).max(o);
+                        }
+                    }
+                    Err(e) => {
+                        p.failed = Some(e.to_string());
+                    }
+                }
+                drop(p);
+                acker_shared.changed.notify_all();
+            }
+        });
+
+        let config = self.config.clone();
+        let stats = self.stats.clone();
+        let poll_shared = shared.clone();
+        let ctx2 = ctx.clone();
+        let poll = tokio::task::spawn_blocking(move || -> Result<(), ReceiverError> {
+            let mut last_commit = Instant::now();
+            let commit_every = Duration::from_millis(config.commit_interval_ms);
+            let mut topics: Vec<Arc<str>> = Vec::new();
+            while !ctx2.is_shutting_down() {
+                if let Some(f) = lock(&poll_shared.progress).failed.clone() {
+                    return Err(ReceiverError::msg(format!("storing failed: {f}")));
+                }
+                let mut records = Vec::new();
+                let mut offsets: HashMap<(Arc<str>, i32), i64> = HashMap::new();
+                // Gather up to `max_poll_records` or 50 ms of records per `store()` call: each
+                // call waits for its block, so small calls would cap the rate at
+                // `max_in_flight` calls per block interval.
+                let started = Instant::now();
+                let window = Duration::from_millis(50);
+                while records.len() < config.max_poll_records {
+                    let wait = if records.is_empty() {
+                        Duration::from_millis(100)
+                    } else {
+                        window.saturating_sub(started.elapsed())
+                    };
+                    match consumer.poll(wait) {
+                        None => break,
+                        Some(Err(KafkaError::PartitionEOF(_))) => continue,
+                        Some(Err(e)) => {
+                            ctx2.report_error(&format!("poll: {e}"));
+                            break;
+                        }
+                        Some(Ok(m)) => {
+                            // One shared name per topic, not an allocation per record.
+                            let topic = match topics.iter().find(|t| &***t == m.topic()) {
+                                Some(t) => t.clone(),
+                                None => {
+                                    let t: Arc<str> = Arc::from(m.topic());
+                                    topics.push(t.clone());
+                                    t
+                                }
+                            };
+                            let r = to_record(&m, topic.clone());
+                            stats.bytes.fetch_add(r.payload.len() as u64, Relaxed);
+                            let e = offsets.entry((topic, m.partition())).or_insert(m.offset());
+                            *e = (*e).max(m.offset());
+                            records.push(r);
+                        }
+                    }
+                    if started.elapsed() > window {
+                        break;
+                    }
+                }
+                if !records.is_empty() {
+                    stats.records.fetch_add(records.len() as u64, Relaxed);
+                    {
+                        let mut p = lock(&poll_shared.progress);
+                        for ((t, part), o) in &offsets {
+                            let e = p.taken.entry((t.to_string(), *part)).or_insert(*o);
+                            *e = (*e).max(*o);
+                        }
+                    }
+                    let store = ctx2.store(records);
+                    let f = InFlight {
+                        store,
+                        offsets: offsets
+                            .into_iter()
+                            .map(|((t, p), o)| ((t.to_string(), p), o))
+                            .collect(),
+                    };
+                    if tx.blocking_send(f).is_err() {
+                        break;
+                    }
+                }
+                if last_commit.elapsed() >= commit_every {
+                    poll_shared.commit(&consumer, None, CommitMode::Async);
+                    last_commit = Instant::now();
+                }
+            }
+            // Shutdown: wait for what is in flight, commit it, leave the group cleanly.
+            drop(tx);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let done = {
+                    let p = lock(&poll_shared.progress);
+                    p.failed.is_some()
+                        || p.taken
+                            .iter()
+                            .all(|(k, t)| p.durable.get(k).is_some_and(|d| d >= t))
+                };
+                if done || Instant::now() > deadline {
+                    break;
+                }
+                let _ = consumer.poll(Duration::from_millis(20));
+            }
+            poll_shared.commit(&consumer, None, CommitMode::Sync);
+            consumer.unsubscribe();
+            // Serve the final revocation so the group sees us leave.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while consumer
+                .assignment()
+                .map(|a| a.count() > 0)
+                .unwrap_or(false)
+                && Instant::now() < deadline
+            {
+                let _ = consumer.poll(Duration::from_millis(20));
+            }
+            Ok(())
+        });
+        let r = poll
+            .await
+            .map_err(|e| ReceiverError::msg(format!("the Kafka poll thread failed: {e}")));
+        lag_stop.store(true, Relaxed);
+        let _ = tokio::task::spawn_blocking(move || lag_thread.join()).await;
+        let _ = acker.await;
+        r?
+    }
+}
+
+/// A polled message as a record: payload, key, headers, and its topic/partition/offset.
+pub(crate) fn to_record(m: &rdkafka::message::BorrowedMessage<'_>, topic: Arc<str>) -> Record {
+    let mut r = Record::new(m.payload().map(<[u8]>::to_vec).unwrap_or_default());
+    if let Some(k) = m.key() {
+        r = r.with_key(k.to_vec());
+    }
+    if let Some(h) = m.headers() {
+        for h in h.iter() {
+            r = r.with_header(h.key, h.value.map(<[u8]>::to_vec).unwrap_or_default());
+        }
+    }
+    r.position = Some(Position::offset(
+        topic,
+        m.partition(),
+        m.offset().max(0) as u64,
+    ));
+    r
+}
+
+fn update_lag(c: &BaseConsumer<Ctx>, stats: &KafkaStats) {
+    let Ok(assignment) = c.assignment() else {
+        return;
+    };
+    let Ok(positions) = c.position() else { return };
+    let mut lag = BTreeMap::new();
+    for e in assignment.elements() {
+        if let Ok((_, high)) =
+            c.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+        {
+            let pos = positions
+                .find_partition(e.topic(), e.partition())
+                .and_then(|p| match p.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            lag.insert((e.topic().to_string(), e.partition()), (high - pos).max(0));
+        }
+    }
+    *lock(&stats.lag) = lag;
+}
+
+// The output direction: batches produced to a topic (see the module).
+pub mod output;
+pub use output::{
+    BatchDelivery, KafkaOutput, KafkaOutputConfig, KafkaOutputError, KafkaOutputStats,
+};

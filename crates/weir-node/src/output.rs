@@ -1,0 +1,399 @@
+//! Outputs: where `receiver-node` writes each batch.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use weir_kafka::{KafkaOutput, KafkaOutputError};
+use weir_receiver::Record;
+
+use super::config::{OutputConfig, OutputFormat};
+use weir::batch::{Batch, BatchError};
+use weir::identity::{Identity, IdentityError};
+use weir::tracker::BlockRef;
+
+/// Why an output failed (the batch is then retried, never marked complete).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// Reading the batch failed.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    /// Writing failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Producing to Kafka failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaOutputError),
+    /// The node's id could not be claimed in a `dir` output (see [`weir::identity`]).
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutputError + 'a {
+    move |source| OutputError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The file a `dir` output of node `node_id` writes batch `time` to:
+/// `batch-<time, 16 digits>-<node_id>.<txt|jsonl>`. Batch times coincide across nodes (they are
+/// multiples of the batch interval), so the node id is what keeps nodes sharing a directory from
+/// replacing each other's files; the time comes first so that names sort by time.
+pub fn batch_file_name(time: u64, node_id: &str, format: OutputFormat) -> String {
+    let ext = match format {
+        OutputFormat::Lines => "txt",
+        OutputFormat::Jsonl => "jsonl",
+    };
+    format!("batch-{time:016}-{node_id}.{ext}")
+}
+
+/// The Kafka output's header naming the node that produced a record.
+pub const NODE_HEADER: &str = "weir.node";
+/// The Kafka output's header holding the record's batch time (decimal ms since the epoch):
+/// with [`NODE_HEADER`], it tells a consumer which batch a record belongs to, so that a batch
+/// produced again can be recognised.
+pub const BATCH_TIME_HEADER: &str = "weir.batch_time";
+
+/// Writes one record in `format`; `jsonl` names the receiver and the node.
+pub fn write_record(
+    out: &mut dyn Write,
+    format: OutputFormat,
+    receiver: &str,
+    node_id: &str,
+    r: &Record,
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Lines => {
+            out.write_all(&r.payload)?;
+            out.write_all(b"\n")
+        }
+        OutputFormat::Jsonl => {
+            out.write_all(b"{\"receiver\":")?;
+            serde_json::to_writer(&mut *out, receiver)?;
+            out.write_all(b",\"node\":")?;
+            serde_json::to_writer(&mut *out, node_id)?;
+            write_bytes_field(out, "payload", &r.payload)?;
+            if let Some(k) = &r.key {
+                write_bytes_field(out, "key", k)?;
+            }
+            if !r.headers.is_empty() {
+                out.write_all(b",\"headers\":{")?;
+                for (i, h) in r.headers.iter().enumerate() {
+                    if i > 0 {
+                        out.write_all(b",")?;
+                    }
+                    serde_json::to_writer(&mut *out, &h.name)?;
+                    out.write_all(b":")?;
+                    match std::str::from_utf8(&h.value) {
+                        Ok(s) => serde_json::to_writer(&mut *out, s)?,
+                        Err(_) => write!(out, "{{\"base64\":\"{}\"}}", base64(&h.value))?,
+                    }
+                }
+                out.write_all(b"}")?;
+            }
+            if let Some(p) = &r.position {
+                out.write_all(b",\"position\":{\"stream\":")?;
+                serde_json::to_writer(&mut *out, &*p.stream)?;
+                write!(
+                    out,
+                    ",\"partition\":{},\"offset\":{}}}",
+                    p.partition, p.offset
+                )?;
+            }
+            out.write_all(b"}\n")
+        }
+    }
+}
+
+/// `,"name":"text"` for UTF-8 bytes, else `,"name_base64":"..."`.
+fn write_bytes_field(out: &mut dyn Write, name: &str, bytes: &[u8]) -> io::Result<()> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            write!(out, ",\"{name}\":")?;
+            serde_json::to_writer(&mut *out, s)?;
+            Ok(())
+        }
+        Err(_) => write!(out, ",\"{name}_base64\":\"{}\"", base64(bytes)),
+    }
+}
+
+/// Standard base64 with padding.
+pub fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+fn write_batch(
+    out: &mut dyn Write,
+    batch: &Batch,
+    format: OutputFormat,
+) -> Result<(), OutputError> {
+    let node_id = batch.node_id();
+    batch.for_each_block(|block: &BlockRef, records| {
+        for r in records {
+            write_record(out, format, &block.receiver, node_id, &r)
+                .map_err(io_err("write", Path::new("<output>")))?;
+        }
+        Ok::<(), OutputError>(())
+    })
+}
+
+/// An output, built once from its configuration when the node starts (a Kafka output holds
+/// its producer for the life of the node).
+#[derive(Debug)]
+pub struct Output {
+    config: OutputConfig,
+    kafka: Option<KafkaOutput>,
+    /// The node whose id a `dir` output claims before its first write, and whether it has.
+    claim: Option<(Identity, AtomicBool)>,
+}
+
+impl Output {
+    /// Builds the output (for `kafka`: creates the producer).
+    ///
+    /// # Errors
+    /// A description of why the configuration is refused.
+    pub fn new(config: &OutputConfig) -> Result<Output, String> {
+        let kafka = match config {
+            OutputConfig::Kafka(c) => Some(KafkaOutput::new(c.clone()).map_err(|e| e.to_string())?),
+            _ => None,
+        };
+        Ok(Output {
+            config: config.clone(),
+            kafka,
+            claim: None,
+        })
+    }
+
+    /// Makes a `dir` output claim `identity`'s node id in its directory before it writes
+    /// anything (see [`weir::identity::claim_dir`]); [`claim`](Self::claim) tries at once.
+    #[must_use]
+    pub fn claiming(mut self, identity: Identity) -> Self {
+        self.claim = Some((identity, AtomicBool::new(false)));
+        self
+    }
+
+    /// Claims the node id in a `dir` output's directory, unless done already (a no-op for
+    /// other outputs, or without [`claiming`](Self::claiming)).
+    ///
+    /// # Errors
+    /// [`IdentityError::Claimed`] if another node holds the id there; I/O errors (the output
+    /// then tries again before its next write).
+    pub fn claim(&self) -> Result<(), IdentityError> {
+        let (OutputConfig::Dir { path, .. }, Some((identity, done))) = (&self.config, &self.claim)
+        else {
+            return Ok(());
+        };
+        if done.load(Relaxed) {
+            return Ok(());
+        }
+        weir::identity::claim_dir(path, identity)?;
+        done.store(true, Relaxed);
+        Ok(())
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &OutputConfig {
+        &self.config
+    }
+
+    /// The Kafka producer of a `kafka` output.
+    pub fn kafka(&self) -> Option<&KafkaOutput> {
+        self.kafka.as_ref()
+    }
+
+    /// A short description for job names and logs, e.g. `dir out/` or `kafka topic events`.
+    pub fn describe(&self) -> String {
+        match &self.config {
+            OutputConfig::Dir { path, .. } => format!("dir {}", path.display()),
+            OutputConfig::Stdout { .. } => "stdout".into(),
+            OutputConfig::Discard => "discard".into(),
+            OutputConfig::Kafka(c) => format!("kafka topic {}", c.topic),
+        }
+    }
+
+    /// Writes `batch` to the output. Blocking.
+    ///
+    /// # Errors
+    /// [`OutputError`]; the batch is then not complete and is retried.
+    pub fn write(&self, batch: &Batch) -> Result<(), OutputError> {
+        match (&self.config, &self.kafka) {
+            (OutputConfig::Stdout { format }, _) => {
+                let stdout = io::stdout();
+                let mut out = BufWriter::new(stdout.lock());
+                write_batch(&mut out, batch, *format)?;
+                out.flush().map_err(io_err("write", Path::new("<stdout>")))
+            }
+            (OutputConfig::Discard, _) => {
+                let n: usize = batch.map_partitions(|it| it.count())?.into_iter().sum();
+                debug_assert_eq!(n as u64, batch.count());
+                Ok(())
+            }
+            // An empty batch writes no file: a file per idle second helps nobody, and a re-run
+            // of an empty batch is empty too.
+            (OutputConfig::Dir { .. }, _) if batch.is_empty() => Ok(()),
+            (OutputConfig::Dir { path, format }, _) => {
+                self.claim()?;
+                write_dir(path, batch, *format)
+            }
+            (OutputConfig::Kafka(_), _) if batch.is_empty() => Ok(()),
+            (OutputConfig::Kafka(_), Some(kafka)) => {
+                let time = batch.time().to_string();
+                let mut delivery = kafka.batch()?.with_headers(&[
+                    (NODE_HEADER, batch.node_id().as_bytes()),
+                    (BATCH_TIME_HEADER, time.as_bytes()),
+                ]);
+                batch.for_each_block(|_, records| {
+                    for r in records {
+                        delivery.send(&r)?;
+                    }
+                    Ok::<(), OutputError>(())
+                })?;
+                let delivered = delivery.finish()?;
+                tracing::debug!(time = batch.time(), records = delivered, topic = %kafka.config().topic, "batch delivered to Kafka");
+                Ok(())
+            }
+            (OutputConfig::Kafka(c), None) => Err(OutputError::Kafka(KafkaOutputError::Create(
+                format!("the output for topic {:?} was not built", c.topic),
+            ))),
+        }
+    }
+}
+
+/// Temp file, fsync, rename, fsync the directory: a reader sees the whole batch file or none,
+/// and a re-run writes the same name with the same contents. A failed attempt removes its temp
+/// file (on a full disk, that is the space the retry needs).
+fn write_dir(dir: &Path, batch: &Batch, format: OutputFormat) -> Result<(), OutputError> {
+    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let name = batch_file_name(batch.time(), batch.node_id(), format);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dest = dir.join(&name);
+    let written = write_file(dir, batch, format, &tmp, &dest);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_file(
+    dir: &Path,
+    batch: &Batch,
+    format: OutputFormat,
+    tmp: &Path,
+    dest: &Path,
+) -> Result<(), OutputError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(io_err("create", tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    match write_batch(&mut out, batch, format) {
+        Ok(()) => {}
+        Err(OutputError::Io { what, source, .. }) => {
+            return Err(OutputError::Io {
+                what,
+                path: tmp.to_path_buf(),
+                source,
+            })
+        }
+        Err(e) => return Err(e),
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .map_err(io_err("write", tmp))?;
+    file.sync_all().map_err(io_err("fsync", tmp))?;
+    drop(file);
+    std::fs::rename(tmp, dest).map_err(io_err("rename into", dest))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_receiver::Position;
+
+    #[test]
+    fn base64_matches_the_standard_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn batch_files_are_named_by_time_then_node() {
+        assert_eq!(
+            batch_file_name(1_700_000_000_000, "edge-2", OutputFormat::Jsonl),
+            "batch-0001700000000000-edge-2.jsonl"
+        );
+        assert_eq!(
+            batch_file_name(5, "a", OutputFormat::Lines),
+            "batch-0000000000000005-a.txt"
+        );
+    }
+
+    #[test]
+    fn jsonl_carries_payload_key_headers_position_and_receiver() {
+        let r = Record::new("a \"quoted\"\nline")
+            .with_key(vec![0xff, 0x00])
+            .with_header("h", "v")
+            .with_position(Position::offset("t", 3, 42));
+        let mut out = Vec::new();
+        write_record(&mut out, OutputFormat::Jsonl, "recv", "n-1", &r).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["receiver"], "recv");
+        assert_eq!(v["node"], "n-1");
+        assert_eq!(v["payload"], "a \"quoted\"\nline");
+        assert_eq!(v["key_base64"], "/wA=");
+        assert_eq!(v["headers"]["h"], "v");
+        assert_eq!(v["position"]["stream"], "t");
+        assert_eq!(v["position"]["partition"], 3);
+        assert_eq!(v["position"]["offset"], 42);
+        let mut out = Vec::new();
+        write_record(
+            &mut out,
+            OutputFormat::Lines,
+            "recv",
+            "n-1",
+            &Record::new("x"),
+        )
+        .unwrap();
+        assert_eq!(out, b"x\n");
+    }
+}

@@ -1,0 +1,179 @@
+//! What weir's integration tests share, written once: finding the workspace's binaries and
+//! Python peers, starting and stopping a node process, free ports, waiting for a condition, a
+//! plain HTTP GET, and starting an engine whose data directory a moment ago belonged to another.
+//!
+//! Dev-only: no crate depends on it outside `[dev-dependencies]`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use weir::StreamingContext;
+
+/// The workspace root (where `Cargo.toml`, `examples/` and `.venv` are).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .nth(2)
+        .expect("crates/weir-testkit is two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// The path of one of the workspace's binaries (`receiver-node`, `crash-harness`), in the target
+/// directory the running test was built in. `cargo test` on the workspace builds every binary
+/// first; when only one package's tests were built and the binary is missing, it is built here
+/// (same profile) so that a test never runs against nothing.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    if !bin.exists() {
+        static BUILD: OnceLock<()> = OnceLock::new();
+        BUILD.get_or_init(|| {
+            let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            cmd.current_dir(workspace_root()).args(["build", "--bins"]);
+            if profile_dir.file_name().is_some_and(|p| p == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build --bins");
+            assert!(status.success(), "cargo build --bins failed");
+        });
+    }
+    assert!(bin.exists(), "{} was not built", bin.display());
+    bin
+}
+
+/// A port free on 127.0.0.1 at the time of asking.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("binding 127.0.0.1:0")
+        .local_addr()
+        .expect("a bound socket's address")
+        .port()
+}
+
+/// Polls `f` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`wait_until`] for async tests: polls every 10 ms, panics naming `what` after `timeout`.
+pub async fn wait_until_async(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port` (one request, `Connection: close`): the status and body, or
+/// `None` if the connection or the response failed.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -TERM {} failed", child.id());
+}
+
+/// A `receiver-node` process, killed (and reaped) when dropped.
+pub struct Node(pub Child);
+
+impl Node {
+    /// Starts `receiver-node run --config config` with its output discarded.
+    pub fn spawn(config: &Path) -> Node {
+        Node(
+            Command::new(cargo_bin("receiver-node"))
+                .args(["run", "--config"])
+                .arg(config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting receiver-node"),
+        )
+    }
+
+    /// Waits for the process to exit; panics with `what` after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration, what: &str) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(t0.elapsed() < timeout, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Python interpreter with Apache `avro` for the Flume peers: `WEIR_PYTHON`, else the
+/// workspace's `.venv` (which `scripts/test` creates). Panics with the way to install it.
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("WEIR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    let ok = Command::new(&python)
+        .args(["-c", "import avro.io, avro.ipc, avro.protocol"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import Python's `avro` package, which the Flume peers need. Install it from \
+         the repository root with:\n    python3 -m venv .venv && .venv/bin/pip install avro\n\
+         (or run scripts/test, or point WEIR_PYTHON at an interpreter that has it)",
+        python.display()
+    );
+    python
+}
+
+/// A Flume peer script (`connectors/flume/peers/<name>`).
+pub fn flume_peer(name: &str) -> PathBuf {
+    workspace_root().join("connectors/flume/peers").join(name)
+}
+
+/// Starts a context built by `ctx`, retrying while the data directory is still locked by an
+/// engine dropped a moment ago (its last tasks end asynchronously).
+pub async fn start(ctx: impl Fn() -> StreamingContext) -> weir::stream::RunningContext {
+    for _ in 0..100 {
+        match ctx().start().await {
+            Ok(r) => return r,
+            Err(e) if e.is_locked() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("start: {e}"),
+        }
+    }
+    panic!("the data directory stayed locked");
+}

@@ -1,0 +1,652 @@
+//! From `store()` to durable blocks: the per-receiver block generator, the shared block writer
+//! (WAL append in log order, then completion of every waiter), and the block cache.
+
+pub mod codec;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use weir_receiver::{BlockId, Checkpoint, ReceiverHost, Record, StoreError, StoreFuture, Stored};
+
+use crate::rate::RateLimiter;
+use crate::stream::metrics::{Metrics, ReceiverMetrics};
+use crate::tracker::BlockRef;
+use crate::wal::{AppendFuture, RecordHandle, Wal, WalPosition};
+use codec::{BlockBuilder, DecodedBlock};
+use weir_receiver::lock;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Durable blocks held in memory for batch processing, bounded in bytes; oldest evicted first.
+#[derive(Debug)]
+pub(crate) struct BlockCache {
+    inner: Mutex<CacheInner>,
+    max_bytes: u64,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    map: HashMap<RecordHandle, Bytes>,
+    order: VecDeque<RecordHandle>,
+    bytes: u64,
+}
+
+impl BlockCache {
+    pub(crate) fn new(max_bytes: u64, metrics: Arc<Metrics>) -> Self {
+        BlockCache {
+            inner: Mutex::default(),
+            max_bytes,
+            metrics,
+        }
+    }
+
+    pub(crate) fn insert(&self, handle: RecordHandle, block: Bytes) {
+        let len = block.len() as u64;
+        if len > self.max_bytes {
+            return;
+        }
+        let mut c = lock(&self.inner);
+        while c.bytes + len > self.max_bytes {
+            let Some(old) = c.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = c.map.remove(&old) {
+                c.bytes -= b.len() as u64;
+            }
+        }
+        if c.map.insert(handle, block).is_none() {
+            c.order.push_back(handle);
+            c.bytes += len;
+        }
+        self.publish(&c);
+    }
+
+    pub(crate) fn get(&self, handle: &RecordHandle) -> Option<Bytes> {
+        lock(&self.inner).map.get(handle).cloned()
+    }
+
+    pub(crate) fn remove(&self, handle: &RecordHandle) {
+        let mut c = lock(&self.inner);
+        if let Some(b) = c.map.remove(handle) {
+            c.bytes -= b.len() as u64;
+            // The order queue entry goes when it reaches the front.
+            if c.order.len() > 2 * c.map.len() + 64 {
+                let CacheInner { map, order, .. } = &mut *c;
+                order.retain(|h| map.contains_key(h));
+            }
+        }
+        self.publish(&c);
+    }
+
+    fn publish(&self, c: &CacheInner) {
+        self.metrics
+            .blocks_cached
+            .store(c.map.len() as u64, Relaxed);
+        self.metrics.cache_bytes.store(c.bytes, Relaxed);
+    }
+}
+
+/// The segment id of blocks that live in memory only (read from a direct source, which is its
+/// own log); no WAL segment ever has it.
+pub(crate) const DIRECT_SEGMENT: u64 = u64::MAX;
+
+/// Reads blocks for batches: from the cache, else from the WAL (checksummed); blocks of direct
+/// sources from memory (pinned until their batch is forgotten).
+#[derive(Debug)]
+pub(crate) struct BlockSource {
+    pub(crate) wal: Arc<Wal>,
+    pub(crate) cache: Arc<BlockCache>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pinned: Mutex<HashMap<RecordHandle, Bytes>>,
+    pub(crate) next_pinned: std::sync::atomic::AtomicU64,
+}
+
+impl BlockSource {
+    pub(crate) fn new(wal: Arc<Wal>, cache: Arc<BlockCache>, metrics: Arc<Metrics>) -> Self {
+        BlockSource {
+            wal,
+            cache,
+            metrics,
+            pinned: Mutex::default(),
+            next_pinned: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Keeps `block` in memory under a new handle (in [`DIRECT_SEGMENT`]) until [`unpin`].
+    ///
+    /// [`unpin`]: Self::unpin
+    pub(crate) fn pin(&self, block: Bytes) -> RecordHandle {
+        let handle = RecordHandle {
+            segment: DIRECT_SEGMENT,
+            offset: self.next_pinned.fetch_add(1, Relaxed),
+            len: block.len() as u32,
+        };
+        lock(&self.pinned).insert(handle, block);
+        handle
+    }
+
+    pub(crate) fn unpin(&self, handle: &RecordHandle) {
+        lock(&self.pinned).remove(handle);
+    }
+
+    pub(crate) fn load(&self, block: &BlockRef) -> Result<DecodedBlock, String> {
+        if block.handle.segment == DIRECT_SEGMENT {
+            let bytes = lock(&self.pinned)
+                .get(&block.handle)
+                .cloned()
+                .ok_or_else(|| {
+                    format!("block {} of a direct source is gone", block.handle.offset)
+                })?;
+            return DecodedBlock::decode(bytes)
+                .map_err(|e| format!("decoding direct block {}: {e}", block.handle.offset));
+        }
+        let bytes = match self.cache.get(&block.handle) {
+            Some(b) => b,
+            None => {
+                self.metrics.cache_misses.fetch_add(1, Relaxed);
+                self.wal.read(block.handle).map_err(|e| {
+                    format!(
+                        "reading block {}@{} from the WAL: {e}",
+                        block.handle.segment, block.handle.offset
+                    )
+                })?
+            }
+        };
+        DecodedBlock::decode(bytes).map_err(|e| {
+            format!(
+                "decoding block {}@{}: {e}",
+                block.handle.segment, block.handle.offset
+            )
+        })
+    }
+}
+
+type Outcome = Option<Result<BlockId, StoreError>>;
+
+/// A cut block on its way through the WAL.
+struct Submitted {
+    append: Option<AppendFuture>,
+    block: Bytes,
+    receiver: Arc<str>,
+    records: u32,
+    payload_bytes: u64,
+    checkpoint: Checkpoint,
+    done: watch::Sender<Outcome>,
+    permit: Option<OwnedSemaphorePermit>,
+    metrics: Arc<ReceiverMetrics>,
+}
+
+enum Message {
+    Block(Box<Submitted>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Durable blocks that no batch has yet, in WAL order.
+#[derive(Debug, Default)]
+pub(crate) struct Unallocated {
+    pub(crate) blocks: Vec<BlockRef>,
+    /// Position just after the last durable block.
+    pub(crate) end: Option<WalPosition>,
+    /// Latest checkpoint of each receiver among these blocks.
+    pub(crate) checkpoints: BTreeMap<Arc<str>, Checkpoint>,
+}
+
+/// The shared block writer: appends cut blocks to the WAL in cut order and completes them in
+/// that order, so durable blocks always form a prefix of the log.
+pub(crate) struct BlockWriter {
+    wal: Arc<Wal>,
+    cache: Arc<BlockCache>,
+    metrics: Arc<Metrics>,
+    submit: Mutex<mpsc::UnboundedSender<Message>>,
+    pub(crate) unallocated: Mutex<Unallocated>,
+    fatal: OnceLock<String>,
+}
+
+impl BlockWriter {
+    /// Creates the writer and spawns its completion task on the current tokio runtime.
+    pub(crate) fn start(
+        wal: Arc<Wal>,
+        cache: Arc<BlockCache>,
+        metrics: Arc<Metrics>,
+        recovered: Unallocated,
+    ) -> (Arc<BlockWriter>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let w = Arc::new(BlockWriter {
+            wal,
+            cache,
+            metrics,
+            submit: Mutex::new(tx),
+            unallocated: Mutex::new(recovered),
+            fatal: OnceLock::new(),
+        });
+        let task = tokio::spawn(w.clone().complete(rx));
+        (w, task)
+    }
+
+    pub(crate) fn fatal(&self) -> Option<&str> {
+        self.fatal.get().map(String::as_str)
+    }
+
+    fn submit(&self, s: Submitted) {
+        let tx = lock(&self.submit);
+        // Append and enqueue under one lock: completion order is WAL order.
+        let mut s = s;
+        s.append = Some(self.wal.append(s.block.clone()));
+        self.metrics.blocks_pending.fetch_add(1, Relaxed);
+        if let Err(mpsc::error::SendError(Message::Block(s))) = tx.send(Message::Block(Box::new(s)))
+        {
+            s.done.send_replace(Some(Err(StoreError::ShuttingDown)));
+        }
+    }
+
+    /// Resolves once every block submitted before the call is durable (or failed).
+    pub(crate) async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if lock(&self.submit).send(Message::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn complete(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Message>) {
+        while let Some(msg) = rx.recv().await {
+            let s = match msg {
+                Message::Block(s) => s,
+                Message::Flush(tx) => {
+                    let _ = tx.send(());
+                    continue;
+                }
+            };
+            let Submitted {
+                append,
+                block,
+                receiver,
+                records,
+                payload_bytes,
+                checkpoint,
+                done,
+                permit,
+                metrics,
+            } = *s;
+            let result = match append {
+                Some(a) => a.await,
+                None => continue,
+            };
+            self.metrics.blocks_pending.fetch_sub(1, Relaxed);
+            match result {
+                Ok(handle) => {
+                    self.cache.insert(handle, block);
+                    {
+                        let mut u = lock(&self.unallocated);
+                        u.blocks.push(BlockRef {
+                            handle,
+                            records,
+                            receiver: receiver.clone(),
+                        });
+                        u.end = Some(handle.next_position());
+                        u.checkpoints.insert(receiver, checkpoint);
+                        self.metrics
+                            .unallocated_blocks
+                            .store(u.blocks.len() as u64, Relaxed);
+                    }
+                    metrics
+                        .records_stored
+                        .fetch_add(u64::from(records), Relaxed);
+                    metrics.bytes_stored.fetch_add(payload_bytes, Relaxed);
+                    metrics.blocks_stored.fetch_add(1, Relaxed);
+                    done.send_replace(Some(Ok(BlockId {
+                        segment: handle.segment,
+                        offset: handle.offset,
+                    })));
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::error!(%receiver, records, error = %msg, "block not stored: nothing of it is acknowledged");
+                    metrics.store_failures.fetch_add(1, Relaxed);
+                    let _ = self.fatal.set(msg.clone());
+                    done.send_replace(Some(Err(StoreError::Storage(msg))));
+                }
+            }
+            if let Some(p) = &permit {
+                metrics
+                    .pending_bytes
+                    .fetch_sub((p.num_permits() as u64) << 10, Relaxed);
+            }
+            drop(permit);
+        }
+    }
+}
+
+struct GenState {
+    builder: BlockBuilder,
+    checkpoint: Checkpoint,
+    done: watch::Sender<Outcome>,
+    permit: Option<OwnedSemaphorePermit>,
+    payload_bytes: u64,
+}
+
+/// One receiver's block generator and its `store()`.
+pub(crate) struct Generator {
+    name: Arc<str>,
+    writer: Arc<BlockWriter>,
+    state: Mutex<GenState>,
+    budget: Arc<Semaphore>,
+    budget_kib: u32,
+    pub(crate) limiter: Arc<RateLimiter>,
+    metrics: Arc<ReceiverMetrics>,
+    block_max: usize,
+    max_call: usize,
+    closed: AtomicBool,
+    slow_waiters: AtomicUsize,
+    admit: mpsc::UnboundedSender<Admission>,
+}
+
+/// Size limits of a [`Generator`].
+pub(crate) struct GeneratorLimits {
+    /// Bytes accepted but not yet durable before `store()` waits.
+    pub(crate) max_pending_bytes: u64,
+    /// Cut a block at this size.
+    pub(crate) block_max: usize,
+    /// Largest single `store()` call.
+    pub(crate) max_call: usize,
+}
+
+/// The sizes of one `store()` call's records, measured in one pass.
+#[derive(Clone, Copy)]
+struct Sizes {
+    /// Encoded size in a block, an upper bound.
+    encoded: usize,
+    /// Payload bytes.
+    payload: u64,
+}
+
+impl Sizes {
+    fn of(records: &[Record]) -> Sizes {
+        let (mut encoded, mut payload) = (64, 0u64);
+        for r in records {
+            encoded += r.size_hint();
+            payload += r.payload.len() as u64;
+        }
+        Sizes { encoded, payload }
+    }
+}
+
+/// A `store()` call waiting for the rate limit or the pending-bytes budget.
+struct Admission {
+    records: Vec<Record>,
+    sizes: Sizes,
+    kib: u32,
+    reply: oneshot::Sender<Result<watch::Receiver<Outcome>, StoreError>>,
+}
+
+impl Generator {
+    pub(crate) fn new(
+        name: Arc<str>,
+        writer: Arc<BlockWriter>,
+        checkpoint: Checkpoint,
+        limits: GeneratorLimits,
+        limiter: Arc<RateLimiter>,
+        metrics: Arc<ReceiverMetrics>,
+    ) -> Arc<Self> {
+        let GeneratorLimits {
+            max_pending_bytes,
+            block_max,
+            max_call,
+        } = limits;
+        let budget_kib = u32::try_from(max_pending_bytes >> 10)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let (admit, queue) = mpsc::unbounded_channel();
+        let g = Arc::new(Generator {
+            name,
+            writer,
+            state: Mutex::new(GenState {
+                builder: BlockBuilder::with_capacity(block_max + (64 << 10)),
+                checkpoint,
+                done: watch::channel(None).0,
+                permit: None,
+                payload_bytes: 0,
+            }),
+            budget: Arc::new(Semaphore::new(budget_kib as usize)),
+            budget_kib,
+            limiter,
+            metrics,
+            block_max,
+            max_call,
+            closed: AtomicBool::new(false),
+            slow_waiters: AtomicUsize::new(0),
+            admit,
+        });
+        tokio::spawn(Self::admit_loop(Arc::downgrade(&g), queue));
+        g
+    }
+
+    /// Admits queued `store()` calls in order. Ends when the generator is dropped.
+    async fn admit_loop(
+        this: std::sync::Weak<Generator>,
+        mut queue: mpsc::UnboundedReceiver<Admission>,
+    ) {
+        while let Some(a) = queue.recv().await {
+            let Some(g) = this.upgrade() else { return };
+            let n = a.records.len() as u64;
+            let t0 = std::time::Instant::now();
+            g.limiter.acquire(n).await;
+            let throttled = t0.elapsed();
+            if throttled > Duration::from_micros(50) {
+                g.metrics
+                    .throttled_us
+                    .fetch_add(throttled.as_micros() as u64, Relaxed);
+            }
+            let result = match g.budget.clone().acquire_many_owned(a.kib).await {
+                Ok(permit) => g.add(&a.records, a.sizes, permit),
+                Err(_) => Err(StoreError::ShuttingDown),
+            };
+            g.slow_waiters.fetch_sub(1, Relaxed);
+            // The caller may have given up (dropped its future): its records are still stored,
+            // just never acknowledged to it.
+            let _ = a.reply.send(result);
+        }
+    }
+
+    /// The receiver's checkpoint including records not yet durable.
+    pub(crate) fn checkpoint(&self) -> Checkpoint {
+        lock(&self.state).checkpoint.clone()
+    }
+
+    /// Cuts the current block if it holds anything.
+    pub(crate) fn cut(&self) {
+        let mut st = lock(&self.state);
+        self.cut_locked(&mut st);
+    }
+
+    /// Refuses further `store()` calls and cuts what is buffered.
+    pub(crate) fn close(&self) {
+        let mut st = lock(&self.state);
+        self.closed.store(true, Relaxed);
+        self.cut_locked(&mut st);
+        self.budget.close();
+    }
+
+    /// The engine is going away without a graceful stop: refuse further calls and fail the
+    /// waiters of the block that will never be cut (their records were never durable).
+    pub(crate) fn abort(&self) {
+        let mut st = lock(&self.state);
+        self.closed.store(true, Relaxed);
+        self.budget.close();
+        st.builder = BlockBuilder::with_capacity(0);
+        st.done.send_replace(Some(Err(StoreError::ShuttingDown)));
+        if let Some(p) = st.permit.take() {
+            self.metrics
+                .pending_bytes
+                .fetch_sub((p.num_permits() as u64) << 10, Relaxed);
+        }
+    }
+
+    fn cut_locked(&self, st: &mut GenState) {
+        if st.builder.is_empty() {
+            return;
+        }
+        let records = st.builder.records();
+        let block = st.builder.finish(&self.name, &st.checkpoint, now_ms());
+        let (done, _) = watch::channel(None);
+        let done = std::mem::replace(&mut st.done, done);
+        let payload_bytes = std::mem::take(&mut st.payload_bytes);
+        self.writer.submit(Submitted {
+            append: None,
+            block,
+            receiver: self.name.clone(),
+            records,
+            payload_bytes,
+            checkpoint: st.checkpoint.clone(),
+            done,
+            permit: st.permit.take(),
+            metrics: self.metrics.clone(),
+        });
+    }
+
+    fn add(
+        &self,
+        records: &[Record],
+        sizes: Sizes,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<watch::Receiver<Outcome>, StoreError> {
+        let mut st = lock(&self.state);
+        if self.closed.load(Relaxed) {
+            return Err(StoreError::ShuttingDown);
+        }
+        if let Some(e) = self.writer.fatal() {
+            return Err(StoreError::Storage(e.to_string()));
+        }
+        if !st.builder.is_empty() && st.builder.len() + sizes.encoded > self.block_max {
+            self.cut_locked(&mut st);
+        }
+        for r in records {
+            st.builder.push(r);
+            if let Some(p) = &r.position {
+                st.checkpoint.observe(p);
+            }
+        }
+        st.payload_bytes += sizes.payload;
+        self.metrics
+            .pending_bytes
+            .fetch_add((permit.num_permits() as u64) << 10, Relaxed);
+        match &mut st.permit {
+            Some(p) => p.merge(permit),
+            None => st.permit = Some(permit),
+        }
+        let rx = st.done.subscribe();
+        if st.builder.len() >= self.block_max {
+            self.cut_locked(&mut st);
+        }
+        Ok(rx)
+    }
+
+    fn kib(&self, size: usize) -> u32 {
+        u32::try_from(size.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.budget_kib)
+    }
+
+    async fn wait(mut rx: watch::Receiver<Outcome>, n: usize) -> Result<Stored, StoreError> {
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => match v.as_ref().expect("checked by wait_for") {
+                Ok(id) => Ok(Stored {
+                    records: n,
+                    block: Some(*id),
+                }),
+                Err(e) => Err(e.clone()),
+            },
+            Err(_) => Err(StoreError::Storage(
+                "the block writer stopped before the block was stored".into(),
+            )),
+        }
+    }
+
+    pub(crate) fn store(self: &Arc<Self>, records: Vec<Record>) -> StoreFuture {
+        let n = records.len();
+        if n == 0 {
+            return StoreFuture::ready(Ok(Stored {
+                records: 0,
+                block: None,
+            }));
+        }
+        if self.closed.load(Relaxed) {
+            return StoreFuture::ready(Err(StoreError::ShuttingDown));
+        }
+        let sizes = Sizes::of(&records);
+        let size = sizes.encoded;
+        if size > self.max_call {
+            self.metrics.store_failures.fetch_add(1, Relaxed);
+            return StoreFuture::ready(Err(StoreError::TooLarge {
+                bytes: size,
+                max: self.max_call,
+            }));
+        }
+        self.metrics.records_received.fetch_add(n as u64, Relaxed);
+        self.metrics
+            .bytes_received
+            .fetch_add(sizes.payload, Relaxed);
+        let kib = self.kib(size);
+        // Fast path: no rate limit, room in the budget and nobody queued before us: the records
+        // enter the current block now, in call order.
+        if self.limiter.limit().is_none() && self.slow_waiters.load(Relaxed) == 0 {
+            match self.budget.clone().try_acquire_many_owned(kib) {
+                Ok(permit) => {
+                    return match self.add(&records, sizes, permit) {
+                        Ok(rx) => StoreFuture::new(Self::wait(rx, n)),
+                        Err(e) => StoreFuture::ready(Err(e)),
+                    };
+                }
+                Err(_) => {
+                    self.metrics.backpressure_waits.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        // Slow path: queue behind earlier waiting calls; the admission task takes them in call
+        // order (rate limit, then budget), whether or not the caller polls its future yet.
+        let (reply, answer) = oneshot::channel();
+        self.slow_waiters.fetch_add(1, Relaxed);
+        let queued = self.admit.send(Admission {
+            records,
+            sizes,
+            kib,
+            reply,
+        });
+        if queued.is_err() {
+            self.slow_waiters.fetch_sub(1, Relaxed);
+            return StoreFuture::ready(Err(StoreError::ShuttingDown));
+        }
+        StoreFuture::new(async move {
+            let rx = answer.await.map_err(|_| StoreError::ShuttingDown)??;
+            Self::wait(rx, n).await
+        })
+    }
+}
+
+/// The engine's side of a [`ReceiverContext`](weir_receiver::ReceiverContext).
+pub(crate) struct Host {
+    pub(crate) generator: Arc<Generator>,
+}
+
+impl ReceiverHost for Host {
+    fn store(&self, records: Vec<Record>) -> StoreFuture {
+        self.generator.store(records)
+    }
+
+    fn report_error(&self, message: &str) {
+        self.generator.metrics.errors_reported.fetch_add(1, Relaxed);
+        tracing::warn!(receiver = %self.generator.name, error = message, "receiver reported an error");
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        self.generator.checkpoint()
+    }
+}
