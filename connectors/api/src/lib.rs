@@ -42,9 +42,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 mod backoff;
+mod config_error;
 
 pub use backoff::Backoff;
 pub use bytes::Bytes;
+pub use config_error::ConfigError;
 use tokio::sync::watch;
 
 /// One record: a payload, an optional key, headers, and where it came from.

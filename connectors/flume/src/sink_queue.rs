@@ -9,14 +9,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::sink_server::{BoxFuture, PullQueue};
 use crate::spark::EventBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use weir_receiver::{Header, Record, StoreError};
+use weir_receiver::{ConfigError, Header, Record, StoreError};
 
 use weir_wal::{CleanupThreshold, Wal, WalPosition};
 
@@ -53,6 +53,24 @@ fn decode(bytes: &[u8]) -> Result<Entry, String> {
     }
 }
 
+/// Why the queue could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkQueueError {
+    /// The queue's write-ahead log failed.
+    #[error("reading the queue's log: {0}")]
+    Wal(#[from] weir_wal::WalError),
+    /// A record of the log is not a queue record (another program's log, or a newer format).
+    #[error("record at {segment}:{offset} is not a pull-sink queue record: {reason}")]
+    Corrupt {
+        /// The segment.
+        segment: u64,
+        /// The record's offset in the segment.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
 /// Settings of the queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -81,13 +99,13 @@ impl QueueConfig {
     /// Checks the fields.
     ///
     /// # Errors
-    /// A message naming the field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`ConfigError`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.tx_timeout_ms == 0 {
-            return Err("tx_timeout_ms must be at least 1".into());
+            return Err(ConfigError::new("tx_timeout_ms", "must be at least 1"));
         }
         if self.max_queued_bytes == 0 {
-            return Err("max_queued_bytes must be at least 1".into());
+            return Err(ConfigError::new("max_queued_bytes", "must be at least 1"));
         }
         Ok(())
     }
@@ -179,19 +197,18 @@ impl SinkQueue {
     /// Opens the queue on `wal`, replaying it.
     ///
     /// # Errors
-    /// A record that cannot be read or is not a queue record.
-    pub fn open(wal: Wal, config: QueueConfig) -> Result<SinkQueue, String> {
+    /// [`SinkQueueError`]: a record that cannot be read or is not a queue record.
+    pub fn open(wal: Wal, config: QueueConfig) -> Result<SinkQueue, SinkQueueError> {
         let mut ready = BTreeMap::new();
         let mut unacked = BTreeMap::new();
         let mut next_id = 0;
         for rec in wal.scan(WalPosition::START) {
-            let rec = rec.map_err(|e| format!("reading the queue's log: {e}"))?;
+            let rec = rec?;
             let seg = rec.handle.segment;
-            let entry = decode(&rec.payload).map_err(|e| {
-                format!(
-                    "record at {}:{} is not a pull-sink queue record: {e}",
-                    rec.handle.segment, rec.handle.offset
-                )
+            let entry = decode(&rec.payload).map_err(|reason| SinkQueueError::Corrupt {
+                segment: rec.handle.segment,
+                offset: rec.handle.offset,
+                reason,
             })?;
             match entry {
                 Entry::Events { first, events } => {
@@ -304,7 +321,7 @@ impl SinkQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        weir_receiver::lock(&self.state)
     }
 
     /// The counters.

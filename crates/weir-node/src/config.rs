@@ -95,69 +95,9 @@ pub struct ReceiverSpec {
     pub kind: ReceiverKind,
 }
 
-/// The receiver types and their settings.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ReceiverKind {
-    /// TCP socket (connect or listen mode).
-    Socket(weir_socket::SocketConfig),
-    /// Kafka: a consumer-group member (the reliable high-level consumer, `mode = "group"`, the
-    /// default) or a direct source (`mode = "direct"`: offset ranges per batch, no WAL).
-    Kafka(weir_kafka::KafkaConfig),
-    /// Flume's Avro push source (`AvroSourceProtocol`): Flume agents' Avro sinks push to it;
-    /// a call is answered `OK` only once its events are durable. See weir-flume's
-    /// `FlumeSourceConfig` for the keys.
-    Flume(weir_flume::FlumeSourceConfig),
-    /// Pull receiver (`SparkFlumeProtocol` client): polls pull sinks with `getEventBatch`,
-    /// `ack`s a batch once durable, `nack`s it when storing fails. See weir-flume's
-    /// `FlumePullConfig` for the keys.
-    FlumePull(weir_flume::FlumePullConfig),
-}
+pub use crate::connectors::ReceiverKind;
 
-/// How records are written by an output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum OutputFormat {
-    /// One record's payload per line (payloads containing newlines are written as they are).
-    #[default]
-    Lines,
-    /// One JSON object per record: payload (UTF-8, or base64 in `payload_base64`), key,
-    /// headers, source position and receiver name.
-    Jsonl,
-}
-
-/// One `[[output]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum OutputConfig {
-    /// One file per batch in `path`, named by batch time and node
-    /// (`batch-<ms since epoch, 16 digits>-<node_id>.txt` or `.jsonl`), written atomically (temp
-    /// file, fsync, rename, fsync directory); a re-run batch rewrites the same file with the same
-    /// contents. Empty batches write no file. At start the node claims its `node_id` in the
-    /// directory (`.weir-node-<node_id>.json`) and refuses to start if another data directory
-    /// holds that claim, so nodes sharing the directory never overwrite each other's batches.
-    Dir {
-        /// The directory (created if missing).
-        path: PathBuf,
-        /// Record format.
-        #[serde(default)]
-        format: OutputFormat,
-    },
-    /// Reads every record of the batch back (checksums verified) and writes nothing: for
-    /// benchmarks (like Spark's per-batch `count()`) and for nodes that only ingest.
-    Discard,
-    /// Every record on standard output (for trying things out).
-    Stdout {
-        /// Record format.
-        #[serde(default)]
-        format: OutputFormat,
-    },
-    /// Every record (payload, key, headers) produced to a Kafka topic by an idempotent
-    /// producer (`acks=all`); the batch succeeds only when every record is acknowledged. A
-    /// re-run batch is produced again: at-least-once per batch. See weir-kafka's
-    /// `KafkaOutputConfig` for the keys.
-    Kafka(weir_kafka::KafkaOutputConfig),
-}
+pub use crate::output::{OutputConfig, OutputFormat};
 
 /// `[metrics]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,9 +235,10 @@ impl NodeConfig {
                 Some(toml::Value::String(s)) => s,
                 Some(_) => return Err(at("`type` must be a string".into())),
                 None => {
-                    return Err(at(
-                        "missing key `type` (expected \"socket\", \"kafka\", \"flume\" or \"flume_pull\")".into(),
-                    ))
+                    return Err(at(format!(
+                        "missing key `type` (expected {})",
+                        crate::connectors::type_names()
+                    )))
                 }
             };
             let span = spanned.span();
@@ -310,41 +251,7 @@ impl NodeConfig {
                     .unwrap_or(line);
                 err(format!("[[receiver]] {name:?} (line {key_line}): {what}"))
             };
-            let kind = match kind.as_str() {
-                "socket" => {
-                    let c: weir_socket::SocketConfig = toml::Value::Table(table)
-                        .try_into()
-                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
-                    c.validate().map_err(at)?;
-                    ReceiverKind::Socket(c)
-                }
-                "kafka" => {
-                    let c: weir_kafka::KafkaConfig = toml::Value::Table(table)
-                        .try_into()
-                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
-                    c.validate().map_err(at)?;
-                    ReceiverKind::Kafka(c)
-                }
-                "flume" => {
-                    let c: weir_flume::FlumeSourceConfig = toml::Value::Table(table)
-                        .try_into()
-                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
-                    c.validate().map_err(at)?;
-                    ReceiverKind::Flume(c)
-                }
-                "flume_pull" => {
-                    let c: weir_flume::FlumePullConfig = toml::Value::Table(table)
-                        .try_into()
-                        .map_err(|e: toml::de::Error| at(e.message().to_string()))?;
-                    c.validate().map_err(at)?;
-                    ReceiverKind::FlumePull(c)
-                }
-                other => {
-                    return Err(at(format!(
-                    "unknown receiver type {other:?} (expected \"socket\", \"kafka\", \"flume\" or \"flume_pull\")"
-                )))
-                }
-            };
+            let kind = ReceiverKind::parse(&kind, table).map_err(at)?;
             if receivers.iter().any(|r: &ReceiverSpec| r.name == name) {
                 return Err(at("a receiver with this name already exists".into()));
             }
@@ -388,15 +295,8 @@ impl NodeConfig {
             );
         }
         for (i, o) in self.outputs.iter().enumerate() {
-            match o {
-                OutputConfig::Dir { path, .. } if path.as_os_str().is_empty() => {
-                    return Err("[[output]] type = \"dir\": `path` must not be empty".into());
-                }
-                OutputConfig::Kafka(c) => c
-                    .validate()
-                    .map_err(|e| format!("[[output]] #{} type = \"kafka\": {e}", i + 1))?,
-                _ => {}
-            }
+            o.validate()
+                .map_err(|e| format!("[[output]] #{} type = {:?}: {e}", i + 1, o.type_name()))?;
         }
         if self.log.level.trim().is_empty() {
             return Err("[log] level must not be empty".into());

@@ -2,6 +2,7 @@
 //! metrics endpoint, logging and signals.
 
 pub mod config;
+pub mod connectors;
 pub mod http;
 pub mod inspect_text;
 pub mod output;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use config::{LogFormat, NodeConfig, ReceiverKind};
+use config::{LogFormat, NodeConfig};
 use weir::receiver::lock;
 use weir::stream::{EngineError, StreamingContext};
 
@@ -70,38 +71,9 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
     engine.node_id = Some(identity.node_id.clone());
     let mut ctx = StreamingContext::new(engine, &config.data_dir);
     for r in &config.receivers {
-        match &r.kind {
-            ReceiverKind::Socket(c) => {
-                let receiver = weir_socket::SocketReceiver::new(c.clone())
-                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
-                ctx.add_metrics(stats::socket(&r.name, receiver.stats()));
-                ctx.add_receiver(r.name.as_str(), receiver);
-            }
-            ReceiverKind::Kafka(c) if c.mode == weir_kafka::KafkaMode::Direct => {
-                let source = weir_kafka::KafkaDirectSource::new(c.clone())
-                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
-                ctx.add_metrics(stats::kafka_direct(&r.name, source.stats()));
-                ctx.add_direct_source(r.name.as_str(), source);
-            }
-            ReceiverKind::Flume(c) => {
-                let receiver = weir_flume::FlumeSourceReceiver::new(c.clone())
-                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
-                ctx.add_metrics(stats::flume(&r.name, receiver.stats()));
-                ctx.add_receiver(r.name.as_str(), receiver);
-            }
-            ReceiverKind::FlumePull(c) => {
-                let receiver = weir_flume::FlumePullReceiver::new(c.clone())
-                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
-                ctx.add_metrics(stats::flume_pull(&r.name, receiver.stats()));
-                ctx.add_receiver(r.name.as_str(), receiver);
-            }
-            ReceiverKind::Kafka(c) => {
-                let receiver = weir_kafka::KafkaReceiver::new(c.clone())
-                    .map_err(|e| NodeError::Startup(format!("receiver {:?}: {e}", r.name)))?;
-                ctx.add_metrics(stats::kafka(&r.name, receiver.stats()));
-                ctx.add_receiver(r.name.as_str(), receiver);
-            }
-        }
+        r.kind
+            .add_to(&r.name, &mut ctx)
+            .map_err(NodeError::Startup)?;
     }
     // Every output is built here, once (a Kafka output's producer lives as long as the node).
     for (i, o) in config.outputs.iter().enumerate() {

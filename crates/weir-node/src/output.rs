@@ -1,4 +1,6 @@
-//! Outputs: where `receiver-node` writes each batch.
+//! Outputs: where `receiver-node` writes each batch. Every output kind is here: its `type`
+//! name and settings ([`OutputConfig`]), their validation, and how it writes a batch
+//! ([`Output`]); adding an output touches this file (and its connector crate, if any).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -8,10 +10,81 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use weir_kafka::{KafkaOutput, KafkaOutputError};
 use weir_receiver::Record;
 
-use super::config::{OutputConfig, OutputFormat};
+use serde::{Deserialize, Serialize};
 use weir::batch::{Batch, BatchError};
 use weir::identity::{Identity, IdentityError};
 use weir::tracker::BlockRef;
+
+/// How records are written by an output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// One record's payload per line (payloads containing newlines are written as they are).
+    #[default]
+    Lines,
+    /// One JSON object per record: payload (UTF-8, or base64 in `payload_base64`), key,
+    /// headers, source position and receiver name.
+    Jsonl,
+}
+
+/// One `[[output]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OutputConfig {
+    /// One file per batch in `path`, named by batch time and node
+    /// (`batch-<ms since epoch, 16 digits>-<node_id>.txt` or `.jsonl`), written atomically (temp
+    /// file, fsync, rename, fsync directory); a re-run batch rewrites the same file with the same
+    /// contents. Empty batches write no file. At start the node claims its `node_id` in the
+    /// directory (`.weir-node-<node_id>.json`) and refuses to start if another data directory
+    /// holds that claim, so nodes sharing the directory never overwrite each other's batches.
+    Dir {
+        /// The directory (created if missing).
+        path: PathBuf,
+        /// Record format.
+        #[serde(default)]
+        format: OutputFormat,
+    },
+    /// Reads every record of the batch back (checksums verified) and writes nothing: for
+    /// benchmarks (like Spark's per-batch `count()`) and for nodes that only ingest.
+    Discard,
+    /// Every record on standard output (for trying things out).
+    Stdout {
+        /// Record format.
+        #[serde(default)]
+        format: OutputFormat,
+    },
+    /// Every record (payload, key, headers) produced to a Kafka topic by an idempotent
+    /// producer (`acks=all`); the batch succeeds only when every record is acknowledged. A
+    /// re-run batch is produced again: at-least-once per batch. See weir-kafka's
+    /// `KafkaOutputConfig` for the keys.
+    Kafka(weir_kafka::KafkaOutputConfig),
+}
+
+impl OutputConfig {
+    /// The `type` value.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            OutputConfig::Dir { .. } => "dir",
+            OutputConfig::Discard => "discard",
+            OutputConfig::Stdout { .. } => "stdout",
+            OutputConfig::Kafka(_) => "kafka",
+        }
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            OutputConfig::Dir { path, .. } if path.as_os_str().is_empty() => {
+                Err("`path` must not be empty".into())
+            }
+            OutputConfig::Kafka(c) => c.validate(),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Why an output failed (the batch is then retried, never marked complete).
 #[derive(Debug, thiserror::Error)]

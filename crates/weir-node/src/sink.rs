@@ -116,9 +116,20 @@ pub enum SinkError {
     /// The configuration is invalid.
     #[error("invalid pull sink configuration: {0}")]
     Config(String),
-    /// The queue's log could not be opened or replayed.
+    /// The queue's log could not be opened.
+    #[error("the pull sink's queue log {}: {source}", dir.display())]
+    Log {
+        /// The log's directory.
+        dir: PathBuf,
+        /// Why.
+        source: weir::WalError,
+    },
+    /// The queue's log could not be replayed.
     #[error("the pull sink's queue: {0}")]
-    Queue(String),
+    Queue(#[from] weir_flume::sink_queue::SinkQueueError),
+    /// The task opening the queue panicked.
+    #[error("opening the pull sink's queue: {0}")]
+    Panicked(String),
     /// An address could not be bound.
     #[error("the pull sink cannot listen: {0}")]
     Listen(String),
@@ -187,13 +198,12 @@ impl PullSink {
         let queue_config = config.queue.clone();
         let queue = tokio::task::spawn_blocking(move || {
             let (wal, report) =
-                Wal::open_dir(&dir, wal_config).map_err(|e| format!("{}: {e}", dir.display()))?;
+                Wal::open_dir(&dir, wal_config).map_err(|source| SinkError::Log { dir, source })?;
             tracing::info!(?report, "pull sink: queue log opened");
-            SinkQueue::open(wal, queue_config).map(|q| q.with_min_free_bytes(min_free))
+            Ok::<_, SinkError>(SinkQueue::open(wal, queue_config)?.with_min_free_bytes(min_free))
         })
         .await
-        .map_err(|e| SinkError::Queue(e.to_string()))?
-        .map_err(SinkError::Queue)?;
+        .map_err(|e| SinkError::Panicked(e.to_string()))??;
         let queue = Arc::new(queue);
         tracing::info!(
             events = queue

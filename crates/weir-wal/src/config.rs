@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use weir_receiver::ConfigError;
 
 /// When appended records are fsynced, and therefore what an acknowledgement means.
 ///
@@ -159,19 +160,25 @@ impl WalConfig {
     /// Checks the limits documented on each field.
     ///
     /// # Errors
-    /// A message naming the field and what is expected.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`ConfigError`] naming the field and what is expected.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.segment_max_bytes < MIN_SEGMENT_BYTES {
-            return Err(format!(
-                "segment_max_bytes = {} is too small: expected at least {MIN_SEGMENT_BYTES}",
-                self.segment_max_bytes
+            return Err(ConfigError::new(
+                "segment_max_bytes",
+                format!(
+                    "= {} is too small: expected at least {MIN_SEGMENT_BYTES}",
+                    self.segment_max_bytes
+                ),
             ));
         }
         if let FsyncPolicy::Interval { ms: 0 } = self.fsync {
-            return Err("fsync interval must be at least 1 ms".to_owned());
+            return Err(ConfigError::new("fsync", "interval must be at least 1 ms"));
         }
         if self.enospc_max_backoff.is_zero() {
-            return Err("enospc_max_backoff must be greater than zero".to_owned());
+            return Err(ConfigError::new(
+                "enospc_max_backoff",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -223,6 +230,6 @@ mod tests {
             segment_max_bytes: 10,
             ..WalConfig::default()
         };
-        assert!(c.validate().unwrap_err().contains("segment_max_bytes"));
+        assert_eq!(c.validate().unwrap_err().key, "segment_max_bytes");
     }
 }

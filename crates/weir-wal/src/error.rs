@@ -62,7 +62,7 @@ pub enum WalError {
     },
     /// Invalid configuration.
     #[error("invalid WAL configuration: {0}")]
-    Config(String),
+    Config(weir_receiver::ConfigError),
 }
 
 impl WalError {

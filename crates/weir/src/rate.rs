@@ -26,8 +26,10 @@
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+
+use weir_receiver::ConfigError;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -86,19 +88,35 @@ impl Default for RateConfig {
 }
 
 impl RateConfig {
+    /// The records/s limit a receiver starts with: `max_records_per_sec`, and with backpressure
+    /// also `initial_rate` (the smaller of the two when both are set). `None`: unlimited.
+    pub fn starting_limit(&self) -> Option<f64> {
+        let max = self.max_records_per_sec.map(|r| r as f64);
+        if !self.backpressure {
+            return max;
+        }
+        match (max, self.initial_rate) {
+            (Some(m), Some(i)) => Some(m.min(i as f64)),
+            (m, i) => m.or(i.map(|i| i as f64)),
+        }
+    }
+
     /// Checks the limits documented on each field.
     ///
     /// # Errors
-    /// A message naming the field and what is expected.
-    pub fn validate(&self) -> Result<(), String> {
+    /// [`ConfigError`] naming the field (within this section) and what is expected.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_records_per_sec == Some(0) {
-            return Err("rate.max_records_per_sec must be >= 1 when set".to_owned());
+            return Err(ConfigError::new(
+                "max_records_per_sec",
+                "must be >= 1 when set",
+            ));
         }
         if self.initial_rate == Some(0) {
-            return Err("rate.initial_rate must be >= 1 when set".to_owned());
+            return Err(ConfigError::new("initial_rate", "must be >= 1 when set"));
         }
         if self.min_rate < 1 {
-            return Err("rate.min_rate must be >= 1".to_owned());
+            return Err(ConfigError::new("min_rate", "must be >= 1"));
         }
         for (name, gain) in [
             ("proportional", self.proportional),
@@ -106,8 +124,9 @@ impl RateConfig {
             ("derivative", self.derivative),
         ] {
             if !(gain.is_finite() && gain >= 0.0) {
-                return Err(format!(
-                    "rate.{name} = {gain} is invalid: must be finite and >= 0"
+                return Err(ConfigError::new(
+                    name,
+                    format!("= {gain} is invalid: must be finite and >= 0"),
                 ));
             }
         }
@@ -330,8 +349,7 @@ impl RateLimiter {
     }
 
     fn lock(&self) -> MutexGuard<'_, Bucket> {
-        // Nothing panics while the lock is held; should it ever, the state is still usable.
-        self.bucket.lock().unwrap_or_else(PoisonError::into_inner)
+        weir_receiver::lock(&self.bucket)
     }
 
     /// Changes the limit, effective at once, including for callers already waiting: they
@@ -420,6 +438,23 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_starting_limit_is_the_smaller_of_max_and_initial_with_backpressure() {
+        let c = |backpressure, max, initial| RateConfig {
+            backpressure,
+            max_records_per_sec: max,
+            initial_rate: initial,
+            ..RateConfig::default()
+        };
+        assert_eq!(c(false, None, Some(10)).starting_limit(), None);
+        assert_eq!(c(false, Some(50), Some(10)).starting_limit(), Some(50.0));
+        assert_eq!(c(true, Some(50), Some(10)).starting_limit(), Some(10.0));
+        assert_eq!(c(true, Some(5), Some(10)).starting_limit(), Some(5.0));
+        assert_eq!(c(true, None, Some(10)).starting_limit(), Some(10.0));
+        assert_eq!(c(true, Some(7), None).starting_limit(), Some(7.0));
+        assert_eq!(c(true, None, None).starting_limit(), None);
+    }
     use std::sync::Arc;
 
     fn cfg(kp: f64, ki: f64, kd: f64, min_rate: u64) -> RateConfig {
@@ -460,44 +495,44 @@ mod tests {
 
         let bad = |c: RateConfig, field: &str| {
             let err = c.validate().unwrap_err();
-            assert!(err.contains(field), "{err:?} should name {field}");
+            assert_eq!(err.key, field, "{err:?} should name {field}");
         };
         let d = RateConfig::default;
-        bad(RateConfig { min_rate: 0, ..d() }, "rate.min_rate");
+        bad(RateConfig { min_rate: 0, ..d() }, "min_rate");
         bad(
             RateConfig {
                 max_records_per_sec: Some(0),
                 ..d()
             },
-            "rate.max_records_per_sec",
+            "max_records_per_sec",
         );
         bad(
             RateConfig {
                 initial_rate: Some(0),
                 ..d()
             },
-            "rate.initial_rate",
+            "initial_rate",
         );
         bad(
             RateConfig {
                 proportional: -1.0,
                 ..d()
             },
-            "rate.proportional",
+            "proportional",
         );
         bad(
             RateConfig {
                 integral: f64::NAN,
                 ..d()
             },
-            "rate.integral",
+            "integral",
         );
         bad(
             RateConfig {
                 derivative: f64::INFINITY,
                 ..d()
             },
-            "rate.derivative",
+            "derivative",
         );
     }
 

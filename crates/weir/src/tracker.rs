@@ -139,15 +139,89 @@ fn enc_err(what: &'static str) -> impl FnOnce(postcard::Error) -> TrackerError {
 
 type Result<T> = std::result::Result<T, TrackerError>;
 
-/// One block of a batch, as the tracker records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a block lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockLocation {
+    /// A record of the write-ahead log.
+    Wal(RecordHandle),
+    /// In memory only: a block read from a direct source (which is its own log) when its batch
+    /// is processed, pinned until the batch is forgotten. Never in the WAL, never persisted.
+    Memory {
+        /// A number unique within the engine's run.
+        id: u64,
+    },
+}
+
+impl BlockLocation {
+    /// The WAL record, if the block is in the WAL.
+    pub fn wal(&self) -> Option<RecordHandle> {
+        match self {
+            BlockLocation::Wal(h) => Some(*h),
+            BlockLocation::Memory { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for BlockLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockLocation::Wal(h) => write!(f, "{}@{}", h.segment, h.offset),
+            BlockLocation::Memory { id } => write!(f, "in-memory block {id}"),
+        }
+    }
+}
+
+/// One block of a batch, as the tracker records it (only blocks in the WAL are recorded).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockRef {
-    /// Where the block lives in the WAL.
-    pub handle: RecordHandle,
+    /// Where the block lives.
+    pub location: BlockLocation,
     /// Number of records in the block.
     pub records: u32,
     /// The receiver that stored it.
     pub receiver: Arc<str>,
+}
+
+impl BlockRef {
+    /// A block in the WAL.
+    pub fn in_wal(handle: RecordHandle, records: u32, receiver: Arc<str>) -> BlockRef {
+        BlockRef {
+            location: BlockLocation::Wal(handle),
+            records,
+            receiver,
+        }
+    }
+}
+
+/// A [`BlockRef`] as the tracker stores it (the format of version 1: handle, records, receiver).
+#[derive(Serialize, Deserialize)]
+struct StoredBlockRef {
+    handle: RecordHandle,
+    records: u32,
+    receiver: Arc<str>,
+}
+
+impl Serialize for BlockRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let Some(handle) = self.location.wal() else {
+            return Err(serde::ser::Error::custom(
+                "an in-memory block of a direct source is never recorded in the tracker",
+            ));
+        };
+        StoredBlockRef {
+            handle,
+            records: self.records,
+            receiver: self.receiver.clone(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let b = StoredBlockRef::deserialize(d)?;
+        Ok(BlockRef::in_wal(b.handle, b.records, b.receiver))
+    }
 }
 
 /// One offset range of a direct source in a batch.
@@ -531,15 +605,15 @@ mod tests {
     use weir_receiver::Position;
 
     fn block(segment: u64, offset: u64) -> BlockRef {
-        BlockRef {
-            handle: RecordHandle {
+        BlockRef::in_wal(
+            RecordHandle {
                 segment,
                 offset,
                 len: 10,
             },
-            records: 3,
-            receiver: Arc::from("r"),
-        }
+            3,
+            Arc::from("r"),
+        )
     }
 
     #[test]

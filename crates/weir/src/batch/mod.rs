@@ -112,10 +112,9 @@ impl Batch {
     }
 
     fn decode_err(&self, i: usize, e: impl std::fmt::Display) -> BatchError {
-        let h = self.blocks[i].handle;
         BatchError {
             time: self.time,
-            message: format!("block {}@{}: {e}", h.segment, h.offset),
+            message: format!("block {}: {e}", self.blocks[i].location),
         }
     }
 

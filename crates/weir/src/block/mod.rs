@@ -14,7 +14,7 @@ use weir_receiver::{BlockId, Checkpoint, ReceiverHost, Record, StoreError, Store
 
 use crate::rate::RateLimiter;
 use crate::stream::metrics::{Metrics, ReceiverMetrics};
-use crate::tracker::BlockRef;
+use crate::tracker::{BlockLocation, BlockRef};
 use crate::wal::{AppendFuture, RecordHandle, Wal, WalPosition};
 use codec::{BlockBuilder, DecodedBlock};
 use weir_receiver::lock;
@@ -95,10 +95,6 @@ impl BlockCache {
     }
 }
 
-/// The segment id of blocks that live in memory only (read from a direct source, which is its
-/// own log); no WAL segment ever has it.
-pub(crate) const DIRECT_SEGMENT: u64 = u64::MAX;
-
 /// Reads blocks for batches: from the cache, else from the WAL (checksummed); blocks of direct
 /// sources from memory (pinned until their batch is forgotten).
 #[derive(Debug)]
@@ -106,7 +102,7 @@ pub(crate) struct BlockSource {
     pub(crate) wal: Arc<Wal>,
     pub(crate) cache: Arc<BlockCache>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) pinned: Mutex<HashMap<RecordHandle, Bytes>>,
+    pub(crate) pinned: Mutex<HashMap<u64, Bytes>>,
     pub(crate) next_pinned: std::sync::atomic::AtomicU64,
 }
 
@@ -121,52 +117,51 @@ impl BlockSource {
         }
     }
 
-    /// Keeps `block` in memory under a new handle (in [`DIRECT_SEGMENT`]) until [`unpin`].
+    /// Keeps `block` in memory (a direct source's block) until [`unpin`]; returns where it is.
     ///
     /// [`unpin`]: Self::unpin
-    pub(crate) fn pin(&self, block: Bytes) -> RecordHandle {
-        let handle = RecordHandle {
-            segment: DIRECT_SEGMENT,
-            offset: self.next_pinned.fetch_add(1, Relaxed),
-            len: block.len() as u32,
-        };
-        lock(&self.pinned).insert(handle, block);
-        handle
+    pub(crate) fn pin(&self, block: Bytes) -> BlockLocation {
+        let id = self.next_pinned.fetch_add(1, Relaxed);
+        lock(&self.pinned).insert(id, block);
+        BlockLocation::Memory { id }
     }
 
-    pub(crate) fn unpin(&self, handle: &RecordHandle) {
-        lock(&self.pinned).remove(handle);
+    /// Forgets `location` if it is a pinned block, or drops a WAL block from the cache.
+    pub(crate) fn release(&self, location: &BlockLocation) {
+        match location {
+            BlockLocation::Memory { id } => {
+                lock(&self.pinned).remove(id);
+            }
+            BlockLocation::Wal(h) => self.cache.remove(h),
+        }
     }
 
     pub(crate) fn load(&self, block: &BlockRef) -> Result<DecodedBlock, String> {
-        if block.handle.segment == DIRECT_SEGMENT {
-            let bytes = lock(&self.pinned)
-                .get(&block.handle)
-                .cloned()
-                .ok_or_else(|| {
-                    format!("block {} of a direct source is gone", block.handle.offset)
-                })?;
-            return DecodedBlock::decode(bytes)
-                .map_err(|e| format!("decoding direct block {}: {e}", block.handle.offset));
-        }
-        let bytes = match self.cache.get(&block.handle) {
+        let handle = match block.location {
+            BlockLocation::Wal(h) => h,
+            BlockLocation::Memory { id } => {
+                let bytes = lock(&self.pinned)
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| format!("block {id} of a direct source is gone"))?;
+                return DecodedBlock::decode(bytes)
+                    .map_err(|e| format!("decoding direct block {id}: {e}"));
+            }
+        };
+        let bytes = match self.cache.get(&handle) {
             Some(b) => b,
             None => {
                 self.metrics.cache_misses.fetch_add(1, Relaxed);
-                self.wal.read(block.handle).map_err(|e| {
+                self.wal.read(handle).map_err(|e| {
                     format!(
                         "reading block {}@{} from the WAL: {e}",
-                        block.handle.segment, block.handle.offset
+                        handle.segment, handle.offset
                     )
                 })?
             }
         };
-        DecodedBlock::decode(bytes).map_err(|e| {
-            format!(
-                "decoding block {}@{}: {e}",
-                block.handle.segment, block.handle.offset
-            )
-        })
+        DecodedBlock::decode(bytes)
+            .map_err(|e| format!("decoding block {}@{}: {e}", handle.segment, handle.offset))
     }
 }
 
@@ -207,7 +202,9 @@ pub(crate) struct BlockWriter {
     cache: Arc<BlockCache>,
     metrics: Arc<Metrics>,
     submit: Mutex<mpsc::UnboundedSender<Message>>,
-    pub(crate) unallocated: Mutex<Unallocated>,
+    /// Taken through [`take_unallocated`](Self::take_unallocated); in the engine's lock order
+    /// after its schedule (see `stream`).
+    unallocated: Mutex<Unallocated>,
     fatal: OnceLock<String>,
 }
 
@@ -230,6 +227,24 @@ impl BlockWriter {
         });
         let task = tokio::spawn(w.clone().complete(rx));
         (w, task)
+    }
+
+    /// Takes every durable block that no batch has yet, with the latest checkpoint of each
+    /// receiver among them. The returned `end` (just after the last durable block) stays: it
+    /// is where the durable part of the log ends, blocks or not.
+    pub(crate) fn take_unallocated(&self) -> Unallocated {
+        let mut u = lock(&self.unallocated);
+        self.metrics.unallocated_blocks.store(0, Relaxed);
+        Unallocated {
+            blocks: std::mem::take(&mut u.blocks),
+            end: u.end,
+            checkpoints: std::mem::take(&mut u.checkpoints),
+        }
+    }
+
+    /// True if durable blocks wait for a batch.
+    pub(crate) fn has_unallocated(&self) -> bool {
+        !lock(&self.unallocated).blocks.is_empty()
     }
 
     pub(crate) fn fatal(&self) -> Option<&str> {
@@ -286,11 +301,8 @@ impl BlockWriter {
                     self.cache.insert(handle, block);
                     {
                         let mut u = lock(&self.unallocated);
-                        u.blocks.push(BlockRef {
-                            handle,
-                            records,
-                            receiver: receiver.clone(),
-                        });
+                        u.blocks
+                            .push(BlockRef::in_wal(handle, records, receiver.clone()));
                         u.end = Some(handle.next_position());
                         u.checkpoints.insert(receiver, checkpoint);
                         self.metrics

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::rate::RateConfig;
 use crate::wal::WalConfig;
+use weir_receiver::ConfigError;
 
 /// How batches are triggered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -92,7 +93,7 @@ impl StreamingConfig {
     ///
     /// # Errors
     /// A description of the first problem found.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("batch_interval_ms", self.batch_interval_ms),
             ("block_interval_ms", self.block_interval_ms),
@@ -104,38 +105,49 @@ impl StreamingConfig {
             ("job_retry_initial_ms", self.job_retry_initial_ms),
         ];
         if let Some(id) = &self.node_id {
-            crate::identity::validate_node_id(id).map_err(|e| format!("node_id {id:?}: {e}"))?;
+            crate::identity::validate_node_id(id)
+                .map_err(|e| ConfigError::new("node_id", format!("{id:?}: {e}")))?;
         }
         for (name, v) in positive {
             if v == 0 {
-                return Err(format!("{name} must be greater than 0"));
+                return Err(ConfigError::new(name, "must be greater than 0"));
             }
         }
         if self.block_max_bytes > u64::from(self.wal.max_record_bytes) {
-            return Err(format!(
-                "block_max_bytes = {} exceeds wal.max_record_bytes = {}",
-                self.block_max_bytes, self.wal.max_record_bytes
+            return Err(ConfigError::new(
+                "block_max_bytes",
+                format!(
+                    "= {} exceeds wal.max_record_bytes = {}",
+                    self.block_max_bytes, self.wal.max_record_bytes
+                ),
             ));
         }
         if self.max_pending_bytes < self.block_max_bytes {
-            return Err(format!(
-                "max_pending_bytes = {} must be at least block_max_bytes = {}",
-                self.max_pending_bytes, self.block_max_bytes
+            return Err(ConfigError::new(
+                "max_pending_bytes",
+                format!(
+                    "= {} must be at least block_max_bytes = {}",
+                    self.max_pending_bytes, self.block_max_bytes
+                ),
             ));
         }
         if self.max_pending_bytes > (u64::from(u32::MAX) << 10) {
-            return Err("max_pending_bytes must be below 4 TiB".into());
+            return Err(ConfigError::new("max_pending_bytes", "must be below 4 TiB"));
         }
         if self.receiver_restart_max_ms < self.receiver_restart_initial_ms {
-            return Err(
-                "receiver_restart_max_ms must be at least receiver_restart_initial_ms".into(),
-            );
+            return Err(ConfigError::new(
+                "receiver_restart_max_ms",
+                "must be at least receiver_restart_initial_ms",
+            ));
         }
         if self.job_retry_max_ms < self.job_retry_initial_ms {
-            return Err("job_retry_max_ms must be at least job_retry_initial_ms".into());
+            return Err(ConfigError::new(
+                "job_retry_max_ms",
+                "must be at least job_retry_initial_ms",
+            ));
         }
-        self.rate.validate()?;
-        self.wal.validate().map_err(|e| format!("wal.{e}"))
+        self.rate.validate().map_err(|e| e.within("rate"))?;
+        self.wal.validate().map_err(|e| e.within("wal"))
     }
 }
 
@@ -157,12 +169,12 @@ mod tests {
             block_interval_ms: 0,
             ..StreamingConfig::default()
         };
-        assert!(c.validate().unwrap_err().contains("block_interval_ms"));
+        assert_eq!(c.validate().unwrap_err().key, "block_interval_ms");
         let c = StreamingConfig {
             max_pending_bytes: 1,
             ..StreamingConfig::default()
         };
-        assert!(c.validate().unwrap_err().contains("max_pending_bytes"));
+        assert_eq!(c.validate().unwrap_err().key, "max_pending_bytes");
         let err = serde_json::from_str::<StreamingConfig>(r#"{"batch_interval": 5}"#).unwrap_err();
         assert!(
             err.to_string().contains("unknown field `batch_interval`"),

@@ -41,8 +41,10 @@ pub(crate) fn recover(
     let (wal, report, tracker, node_id, reopen) = match storage {
         StorageChoice::Dir(dir) => {
             let wal_dir = dir.join("wal");
-            std::fs::create_dir_all(&wal_dir).map_err(|e| {
-                EngineError::Recovery(format!("creating {}: {e}", wal_dir.display()))
+            std::fs::create_dir_all(&wal_dir).map_err(|source| EngineError::Io {
+                what: "creating the WAL directory",
+                path: wal_dir.clone(),
+                source,
             })?;
             let (wal, report) = Wal::open_dir(&wal_dir, config.wal.clone())?;
             // After the WAL's directory lock: one process at a time records the identity.
@@ -91,14 +93,18 @@ pub(crate) fn recover(
         }
         let mut kept = Vec::with_capacity(blocks.len());
         for b in blocks {
-            match wal.read(b.handle) {
+            // The tracker records only blocks in the WAL.
+            let Some(handle) = b.location.wal() else {
+                continue;
+            };
+            match wal.read(handle) {
                 Ok(bytes) => {
-                    cache.insert(b.handle, bytes);
+                    cache.insert(handle, bytes);
                     kept.push(b.clone());
                 }
                 Err(e) if config.wal.recovery == RecoveryMode::SkipCorrupt => {
                     tracing::error!(
-                        batch = time, segment = b.handle.segment, offset = b.handle.offset,
+                        batch = time, segment = handle.segment, offset = handle.offset,
                         records = b.records, receiver = %b.receiver, error = %e,
                         "a block of an allocated batch is unreadable; its records are lost (skip_corrupt)"
                     );
@@ -106,11 +112,16 @@ pub(crate) fn recover(
                     lost_records += u64::from(b.records);
                 }
                 Err(e) => {
-                    return Err(EngineError::Recovery(format!(
-                        "batch {time} needs block {}@{} ({} records of receiver {}), which cannot be \
-                         read: {e}; start with wal.recovery = \"skip_corrupt\" to drop it and go on",
-                        b.handle.segment, b.handle.offset, b.records, b.receiver
-                    )))
+                    return Err(EngineError::Corrupt {
+                        segment: handle.segment,
+                        offset: handle.offset,
+                        reason: format!(
+                            "batch {time} needs this block ({} records of receiver {}), which \
+                             cannot be read: {e}; start with wal.recovery = \"skip_corrupt\" to \
+                             drop it and go on",
+                            b.records, b.receiver
+                        ),
+                    })
                 }
             }
         }
@@ -121,17 +132,16 @@ pub(crate) fn recover(
     let mut unallocated = Unallocated::default();
     for rec in wal.scan(allocated_end) {
         let rec = rec?;
-        let d = DecodedBlock::decode(rec.payload.clone()).map_err(|e| {
-            EngineError::Recovery(format!(
-                "WAL record {}@{} is not a block: {e}",
-                rec.handle.segment, rec.handle.offset
-            ))
+        let d = DecodedBlock::decode(rec.payload.clone()).map_err(|e| EngineError::Corrupt {
+            segment: rec.handle.segment,
+            offset: rec.handle.offset,
+            reason: format!("the WAL record is not a block: {e}"),
         })?;
-        unallocated.blocks.push(BlockRef {
-            handle: rec.handle,
-            records: d.record_count,
-            receiver: d.receiver.clone(),
-        });
+        unallocated.blocks.push(BlockRef::in_wal(
+            rec.handle,
+            d.record_count,
+            d.receiver.clone(),
+        ));
         unallocated.end = Some(rec.handle.next_position());
         unallocated
             .checkpoints
