@@ -1,80 +1,19 @@
 //! The reliable consumer against librdkafka's mock cluster (a real Kafka protocol endpoint on
-//! loopback), with a fake host standing in for the engine.
+//! loopback), with `weir_testkit::RecordingHost` standing in for the engine (its checkpoint is
+//! raised by the positions of the records it made durable, as the engine's is).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio::sync::Notify;
 use weir_kafka::{KafkaConfig, KafkaReceiver};
-use weir_receiver::{
-    shutdown_channel, Checkpoint, Receiver, ReceiverContext, ReceiverHost, Record, StoreFuture,
-    Stored,
-};
-
-/// Collects stored records; resolves stores at once, or holds them until released.
-#[derive(Default)]
-struct Host {
-    records: Mutex<Vec<Record>>,
-    hold: AtomicBool,
-    released: Notify,
-}
-
-impl Host {
-    fn payloads(&self) -> Vec<String> {
-        self.records
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| String::from_utf8(r.payload.to_vec()).unwrap())
-            .collect()
-    }
-    fn release(&self) {
-        self.hold.store(false, SeqCst);
-        self.released.notify_waiters();
-    }
-}
-
-/// The engine side of a receiver, as the fake host.
-struct HostRef(Arc<Host>);
-
-impl ReceiverHost for HostRef {
-    fn store(&self, records: Vec<Record>) -> StoreFuture {
-        let n = records.len();
-        let me = self.0.clone();
-        StoreFuture::new(async move {
-            while me.hold.load(SeqCst) {
-                let wake = me.released.notified();
-                if !me.hold.load(SeqCst) {
-                    break;
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(50), wake).await;
-            }
-            me.records.lock().unwrap().extend(records);
-            Ok(Stored {
-                records: n,
-                block: None,
-            })
-        })
-    }
-    fn report_error(&self, message: &str) {
-        eprintln!("reported: {message}");
-    }
-    fn checkpoint(&self) -> Checkpoint {
-        let mut c = Checkpoint::new();
-        for r in self.0.records.lock().unwrap().iter() {
-            if let Some(p) = &r.position {
-                c.observe(p);
-            }
-        }
-        c
-    }
-}
+use weir_receiver::{shutdown_channel, Receiver, ReceiverContext};
+use weir_testkit::{wait_until_async, RecordingHost};
 
 fn cluster(
     topic: &str,
@@ -135,25 +74,14 @@ fn committed(bootstrap: &str, group: &str, topic: &str, n: i32) -> Vec<Option<i6
         .collect()
 }
 
-async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 struct Running {
     trigger: weir_receiver::ShutdownTrigger,
     task: tokio::task::JoinHandle<Result<(), weir_receiver::ReceiverError>>,
 }
 
-fn start(r: KafkaReceiver, host: &Arc<Host>, name: &str) -> Running {
+fn start(r: KafkaReceiver, host: &Arc<RecordingHost>, name: &str) -> Running {
     let (trigger, shutdown) = shutdown_channel();
-    let ctx = ReceiverContext::new(name, Arc::new(HostRef(host.clone())), shutdown, 0);
+    let ctx = ReceiverContext::new(name, host.clone(), shutdown, 0);
     let task = tokio::spawn(async move { r.run(ctx).await });
     Running { trigger, task }
 }
@@ -174,34 +102,36 @@ async fn offsets_are_committed_only_after_the_records_are_durable() {
     let c = cluster("t1", 1);
     let bs = c.bootstrap_servers();
     produce(&bs, "t1", 0, 100);
-    let host = Arc::new(Host::default());
-    host.hold.store(true, SeqCst);
+    let host = RecordingHost::holding();
     let r = KafkaReceiver::new(config(&bs, "g1", "t1")).unwrap();
     let stats = r.stats();
     let running = start(r, &host, "kafka");
     // Wait until the receiver has taken the records (their stores are held, not durable), and
     // give it several commit intervals.
-    wait_for("the poll", 30, || stats.records.load(SeqCst) == 100).await;
+    wait_until_async("the poll", Duration::from_secs(30), || {
+        stats.records.load(SeqCst) == 100
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(host.records.lock().unwrap().len(), 0);
+    assert_eq!(host.durable_count(), 0);
     assert_eq!(
         committed(&bs, "g1", "t1", 1),
         vec![None],
         "committed before durable"
     );
-    host.release();
-    wait_for("100 durable", 30, || {
-        host.records.lock().unwrap().len() == 100
+    host.release_all();
+    wait_until_async("100 durable", Duration::from_secs(30), || {
+        host.durable_count() == 100
     })
     .await;
-    wait_for("the commit", 30, || {
+    wait_until_async("the commit", Duration::from_secs(30), || {
         committed(&bs, "g1", "t1", 1) == vec![Some(100)]
     })
     .await;
     running.stop().await;
-    let p = host.payloads();
+    let p = host.durable();
     assert_eq!(p, (0..100).map(|i| format!("m{i}")).collect::<Vec<_>>());
-    let r0 = &host.records.lock().unwrap()[0];
+    let r0 = &host.durable_records()[0];
     assert_eq!(r0.key.as_deref(), Some(&b"k0"[..]));
     assert_eq!(r0.position.as_ref().unwrap().offset, 0);
 }
@@ -211,13 +141,16 @@ async fn a_restart_resumes_after_the_wal_not_the_committed_offset() {
     let c = cluster("t2", 2);
     let bs = c.bootstrap_servers();
     produce(&bs, "t2", 0, 60);
-    let host = Arc::new(Host::default());
+    let host = RecordingHost::new();
     let running = start(
         KafkaReceiver::new(config(&bs, "g2", "t2")).unwrap(),
         &host,
         "kafka",
     );
-    wait_for("60 stored", 30, || host.records.lock().unwrap().len() == 60).await;
+    wait_until_async("60 stored", Duration::from_secs(30), || {
+        host.durable_count() == 60
+    })
+    .await;
     running.stop().await;
     // A new group has no committed offsets (as after a crash between durable and commit): the
     // receiver must resume after what the host (the WAL) already has.
@@ -227,13 +160,13 @@ async fn a_restart_resumes_after_the_wal_not_the_committed_offset() {
         &host,
         "kafka",
     );
-    wait_for("100 stored", 30, || {
-        host.records.lock().unwrap().len() >= 100
+    wait_until_async("100 stored", Duration::from_secs(30), || {
+        host.durable_count() >= 100
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.stop().await;
-    let mut p = host.payloads();
+    let mut p = host.durable();
     p.sort_by_key(|s| s[1..].parse::<u32>().unwrap());
     assert_eq!(
         p,
@@ -247,14 +180,14 @@ async fn two_consumers_in_one_group_split_partitions_without_losing_records() {
     let c = cluster("t3", 4);
     let bs = c.bootstrap_servers();
     produce(&bs, "t3", 0, 400);
-    let (a, b) = (Arc::new(Host::default()), Arc::new(Host::default()));
+    let (a, b) = (RecordingHost::new(), RecordingHost::new());
     let ra = start(
         KafkaReceiver::new(config(&bs, "g3", "t3")).unwrap(),
         &a,
         "a",
     );
-    wait_for("a's first records", 30, || {
-        a.records.lock().unwrap().len() >= 400
+    wait_until_async("a's first records", Duration::from_secs(30), || {
+        a.durable_count() >= 400
     })
     .await;
     let rb = start(
@@ -267,19 +200,22 @@ async fn two_consumers_in_one_group_split_partitions_without_losing_records() {
     produce(&bs, "t3", 400, 800);
     let all = || {
         let mut m: BTreeMap<String, u32> = BTreeMap::new();
-        for p in a.payloads().into_iter().chain(b.payloads()) {
+        for p in a.durable().into_iter().chain(b.durable()) {
             *m.entry(p).or_default() += 1;
         }
         m
     };
-    wait_for("800 distinct records", 60, || all().len() == 800).await;
+    wait_until_async("800 distinct records", Duration::from_secs(60), || {
+        all().len() == 800
+    })
+    .await;
     assert!(
-        !b.records.lock().unwrap().is_empty(),
+        b.durable_count() > 0,
         "the second consumer got no partition"
     );
-    let partitions_of = |h: &Host| {
+    let partitions_of = |h: &RecordingHost| {
         let mut s = std::collections::BTreeSet::new();
-        for r in h.records.lock().unwrap().iter().skip(400) {
+        for r in h.durable_records().iter().skip(400) {
             s.insert(r.position.as_ref().unwrap().partition);
         }
         s

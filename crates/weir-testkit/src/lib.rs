@@ -1,8 +1,10 @@
-//! What weir's integration tests share, written once: finding the workspace's binaries and
-//! Python peers, starting and stopping a node process, free ports, waiting for a condition, a
-//! plain HTTP GET, and starting an engine whose data directory a moment ago belonged to another.
+//! What weir's integration tests share, written once: a recording receiver host
+//! ([`RecordingHost`]), finding the workspace's binaries and Python peers, starting and stopping a
+//! node process, free ports, waiting for a condition, a plain HTTP GET, tracing for tests, and
+//! starting an engine whose data directory a moment ago belonged to another.
 //!
 //! Dev-only: no crate depends on it outside `[dev-dependencies]`.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,6 +14,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use weir::StreamingContext;
+
+mod host;
+
+pub use host::RecordingHost;
 
 /// The workspace root (where `Cargo.toml`, `examples/` and `.venv` are).
 pub fn workspace_root() -> PathBuf {
@@ -75,6 +81,15 @@ pub async fn wait_until_async(what: &str, timeout: Duration, mut f: impl FnMut()
         assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Sends `tracing` output to the test's captured output, filtered by `RUST_LOG` (errors only
+/// when it is unset). Call it at the start of a test; later calls do nothing.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 /// `GET path` on 127.0.0.1:`port` (one request, `Connection: close`): the status and body, or

@@ -1,10 +1,11 @@
-//! A fake host, a running receiver, a Rust client, and the Python peer's runner.
+//! A running receiver (on `weir_testkit::RecordingHost`), a Rust client, and the Python peer's
+//! runner.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -15,93 +16,13 @@ use weir_flume::ipc::protocol::Protocol;
 use weir_flume::ipc::requestor::{Reply, Requestor};
 use weir_flume::ipc::transport::{FrameReader, FrameWriter, TransportError};
 use weir_flume::{FlumeSourceConfig, FlumeSourceReceiver};
-use weir_receiver::{
-    shutdown_channel, Checkpoint, Receiver, ReceiverContext, ReceiverError, ReceiverHost, Record,
-    ShutdownTrigger, StoreError, StoreFuture, Stored,
-};
+use weir_receiver::{shutdown_channel, Receiver, ReceiverContext, ReceiverError, ShutdownTrigger};
+use weir_testkit::{init_tracing, RecordingHost};
 
 /// Generous bound for anything that should happen "soon".
 pub const SOON: Duration = Duration::from_secs(20);
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// A host that keeps what it stores, or fails every call with a set error.
-#[derive(Default)]
-pub struct FakeHost {
-    durable: Mutex<Vec<Record>>,
-    fail: Mutex<Option<StoreError>>,
-    errors: Mutex<Vec<String>>,
-    delay: Mutex<Duration>,
-}
-
-impl FakeHost {
-    pub fn new() -> Arc<Self> {
-        Arc::new(FakeHost::default())
-    }
-
-    pub fn failing(e: StoreError) -> Arc<Self> {
-        let h = FakeHost::default();
-        *h.fail.lock().unwrap() = Some(e);
-        Arc::new(h)
-    }
-
-    pub fn set_delay(&self, d: Duration) {
-        *self.delay.lock().unwrap() = d;
-    }
-
-    pub fn durable(&self) -> Vec<Record> {
-        self.durable.lock().unwrap().clone()
-    }
-
-    pub fn errors(&self) -> Vec<String> {
-        self.errors.lock().unwrap().clone()
-    }
-}
-
-impl ReceiverHost for FakeHost {
-    fn store(&self, records: Vec<Record>) -> StoreFuture {
-        let fail = self.fail.lock().unwrap().clone();
-        let delay = *self.delay.lock().unwrap();
-        if fail.is_none() && delay.is_zero() {
-            let n = records.len();
-            self.durable.lock().unwrap().extend(records);
-            return StoreFuture::ready(Ok(Stored {
-                records: n,
-                block: None,
-            }));
-        }
-        // Delayed: resolve later, without access to self; park the records for now.
-        let n = records.len();
-        if fail.is_none() {
-            self.durable.lock().unwrap().extend(records);
-        }
-        StoreFuture::new(async move {
-            tokio::time::sleep(delay).await;
-            match fail {
-                Some(e) => Err(e),
-                None => Ok(Stored {
-                    records: n,
-                    block: None,
-                }),
-            }
-        })
-    }
-
-    fn report_error(&self, message: &str) {
-        self.errors.lock().unwrap().push(message.to_string());
-    }
-
-    fn checkpoint(&self) -> Checkpoint {
-        Checkpoint::new()
-    }
-}
-
-/// A receiver running on a fake host.
+/// A receiver running on a recording host.
 pub struct Running {
     pub receiver: Arc<FlumeSourceReceiver>,
     pub addr: SocketAddr,
@@ -109,7 +30,7 @@ pub struct Running {
     handle: JoinHandle<Result<(), ReceiverError>>,
 }
 
-pub async fn start(config: FlumeSourceConfig, host: Arc<FakeHost>) -> Running {
+pub async fn start(config: FlumeSourceConfig, host: Arc<RecordingHost>) -> Running {
     init_tracing();
     let receiver = Arc::new(FlumeSourceReceiver::new(config).expect("valid config"));
     let (trigger, shutdown) = shutdown_channel();
@@ -253,13 +174,4 @@ pub async fn run_peer(script: &str, args: Vec<String>) -> Output {
     .await
     .expect("the peer finishes in time")
     .expect("the peer's thread")
-}
-
-/// Polls `cond` until it holds; panics with `what` after [`SOON`].
-pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + SOON;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }

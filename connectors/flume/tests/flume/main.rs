@@ -1,5 +1,6 @@
-//! Integration tests of the Flume push source, with a fake host: Java's captured bytes, the
-//! Python Flume client as a subprocess, malformed input and limits, failures and shutdown.
+//! Integration tests of the Flume push source, with `weir_testkit::RecordingHost` as the host:
+//! Java's captured bytes, the Python Flume client as a subprocess, malformed input and limits,
+//! failures and shutdown.
 
 mod capture;
 mod common;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use weir_flume::flume::Status;
 use weir_flume::FlumeSourceConfig;
 
-use crate::common::{events, start, wait_until, Client, FakeHost, SOON};
+use weir_testkit::{wait_until_async, RecordingHost};
+
+use crate::common::{events, start, Client, SOON};
 
 fn config() -> FlumeSourceConfig {
     FlumeSourceConfig {
@@ -20,7 +22,7 @@ fn config() -> FlumeSourceConfig {
 /// Sends `bytes` on a new connection (after a good call when `handshaken`) and asserts that
 /// the receiver closes it, while a second connection keeps working.
 async fn closes(bytes: &[u8], deflate: bool, handshaken: bool, reason: &str) {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         FlumeSourceConfig {
             deflate,
@@ -42,7 +44,7 @@ async fn closes(bytes: &[u8], deflate: bool, handshaken: bool, reason: &str) {
         "expected the connection closed, got {end:?}"
     );
     let stats = r.receiver.stats();
-    wait_until("the close is counted", || {
+    wait_until_async("the close is counted", SOON, || {
         stats.malformed_closed.load(Relaxed) == 1
     })
     .await;
@@ -54,7 +56,7 @@ async fn closes(bytes: &[u8], deflate: bool, handshaken: bool, reason: &str) {
     // The other connection is unaffected.
     assert_eq!(good.append_batch(&events(2, 2)).await, Status::Ok);
     assert_eq!(
-        host.durable().len(),
+        host.durable_count(),
         if handshaken { 6 } else { 4 },
         "every OK'd event is stored"
     );
@@ -110,7 +112,7 @@ async fn garbage_in_a_deflated_stream_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_are_closed_and_idle_ones_time_out() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         FlumeSourceConfig {
             max_connections: 1,
@@ -136,7 +138,7 @@ async fn connections_beyond_max_connections_are_closed_and_idle_ones_time_out() 
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
     assert_eq!(stats.idle_closed.load(Relaxed), 1);
     // Then a new connection is served.
-    wait_until("the idle connection is gone", || {
+    wait_until_async("the idle connection is gone", SOON, || {
         stats.connections_active.load(Relaxed) == 0
     })
     .await;

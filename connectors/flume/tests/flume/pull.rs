@@ -5,73 +5,14 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use weir_flume::{FlumePullConfig, FlumePullReceiver, FlumePullStats};
-use weir_receiver::{
-    shutdown_channel, Checkpoint, Receiver, ReceiverContext, ReceiverHost, Record, StoreError,
-    StoreFuture, Stored,
-};
+use weir_receiver::{shutdown_channel, Receiver, ReceiverContext, Record, StoreError};
+use weir_testkit::{init_tracing, wait_until_async, RecordingHost};
 
-use crate::common::{init_tracing, python, wait_until, SOON};
-
-/// What the host does with one `store()` call.
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    Fail,
-    Delay(Duration),
-}
-
-/// A host that follows a script for its first calls, then stores at once.
-#[derive(Default)]
-struct ScriptedHost {
-    script: Mutex<Vec<Step>>,
-    durable: Mutex<Vec<Record>>,
-}
-
-impl ScriptedHost {
-    fn new(mut script: Vec<Step>) -> Arc<Self> {
-        script.reverse();
-        Arc::new(ScriptedHost {
-            script: Mutex::new(script),
-            ..ScriptedHost::default()
-        })
-    }
-    fn durable(&self) -> Vec<Record> {
-        self.durable.lock().unwrap().clone()
-    }
-}
-
-impl ReceiverHost for ScriptedHost {
-    fn store(&self, records: Vec<Record>) -> StoreFuture {
-        let n = records.len();
-        let ok = Ok(Stored {
-            records: n,
-            block: None,
-        });
-        match self.script.lock().unwrap().pop() {
-            None => {
-                self.durable.lock().unwrap().extend(records);
-                StoreFuture::ready(ok)
-            }
-            Some(Step::Fail) => {
-                StoreFuture::ready(Err(StoreError::Storage("scripted failure".into())))
-            }
-            Some(Step::Delay(d)) => {
-                self.durable.lock().unwrap().extend(records);
-                StoreFuture::new(async move {
-                    tokio::time::sleep(d).await;
-                    ok
-                })
-            }
-        }
-    }
-    fn report_error(&self, _: &str) {}
-    fn checkpoint(&self) -> Checkpoint {
-        Checkpoint::new()
-    }
-}
+use crate::common::{python, SOON};
 
 /// `spark_sink_peer.py serve` as a child process, and its port.
 struct Peer {
@@ -158,10 +99,10 @@ fn actions(out: &[serde_json::Value], action: &str) -> Vec<serde_json::Value> {
 }
 
 async fn run_until(
-    host: Arc<ScriptedHost>,
+    host: Arc<RecordingHost>,
     config: FlumePullConfig,
     what: &str,
-    done: impl Fn(&ScriptedHost, &FlumePullStats) -> bool,
+    done: impl Fn(&RecordingHost, &FlumePullStats) -> bool,
 ) -> Arc<FlumePullStats> {
     init_tracing();
     let receiver = Arc::new(FlumePullReceiver::new(config).unwrap());
@@ -170,7 +111,7 @@ async fn run_until(
     let ctx = ReceiverContext::new("pull-test", host.clone(), shutdown, 0);
     let r = receiver.clone();
     let handle = tokio::spawn(async move { r.run(ctx).await });
-    wait_until(what, || done(&host, &stats)).await;
+    wait_until_async(what, SOON, || done(&host, &stats)).await;
     trigger.trigger();
     tokio::time::timeout(SOON, handle)
         .await
@@ -183,19 +124,19 @@ async fn run_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_stored_as_sent_and_error_batches_are_never_acked() {
     let peer = Peer::serve(&["--events", "45", "--empty-wait", "0.2"]);
-    let host = ScriptedHost::new(Vec::new());
+    let host = RecordingHost::new();
     let mut c = config(peer.port, 10);
     c.workers = 2;
     let stats = run_until(
         host.clone(),
         c,
         "45 events stored and two error batches seen",
-        |h, s| h.durable().len() >= 45 && FlumePullStats::get(&s.error_batches) >= 2,
+        |h, s| h.durable_count() >= 45 && FlumePullStats::get(&s.error_batches) >= 2,
     )
     .await;
     let out = peer.finish();
     let want: Vec<(u32, String)> = (0..45).map(|i| (i, format!("event {i}"))).collect();
-    assert_eq!(events(&host.durable()), want);
+    assert_eq!(events(&host.durable_records()), want);
     let committed: u64 = actions(&out, "commit")
         .iter()
         .map(|r| r["count"].as_u64().unwrap())
@@ -212,24 +153,24 @@ async fn every_event_is_stored_as_sent_and_error_batches_are_never_acked() {
 async fn failed_stores_are_nacked_slow_ones_time_out_and_everything_is_redelivered() {
     // The sink rolls a transaction back after 1 s without an ack.
     let peer = Peer::serve(&["--events", "30", "--tx-timeout", "1", "--empty-wait", "0.2"]);
-    let host = ScriptedHost::new(vec![
-        Step::Fail,
-        Step::Fail,
-        Step::Delay(Duration::from_millis(1600)),
-    ]);
+    // The first two calls fail, the third is durable only after 1.6 s, the rest at once.
+    let host = RecordingHost::new();
+    host.fail_call(0, StoreError::Storage("scripted failure".into()));
+    host.fail_call(1, StoreError::Storage("scripted failure".into()));
+    host.delay_call(2, Duration::from_millis(1600));
     let stats = run_until(
         host.clone(),
         config(peer.port, 8),
         "30 events stored",
         |h, s| {
-            let mut e = events(&h.durable());
+            let mut e = events(&h.durable_records());
             e.dedup();
             e.len() == 30 && FlumePullStats::get(&s.error_batches) >= 1
         },
     )
     .await;
     let out = peer.finish();
-    let mut got = events(&host.durable());
+    let mut got = events(&host.durable_records());
     // The slow batch was stored, but its ack came after the rollback: delivered twice.
     let total = got.len();
     got.dedup();
@@ -266,7 +207,7 @@ async fn a_sink_that_is_not_there_yet_is_reached_with_backoff() {
         .local_addr()
         .unwrap()
         .port();
-    let host = ScriptedHost::new(Vec::new());
+    let host = RecordingHost::new();
     init_tracing();
     let receiver = Arc::new(FlumePullReceiver::new(config(port, 5)).unwrap());
     let stats = receiver.stats();
@@ -274,7 +215,7 @@ async fn a_sink_that_is_not_there_yet_is_reached_with_backoff() {
     let ctx = ReceiverContext::new("pull-test", host.clone(), shutdown, 0);
     let r = receiver.clone();
     let handle = tokio::spawn(async move { r.run(ctx).await });
-    wait_until("connection failures", || {
+    wait_until_async("connection failures", SOON, || {
         FlumePullStats::get(&stats.connection_failures) >= 2
     })
     .await;
@@ -287,7 +228,7 @@ async fn a_sink_that_is_not_there_yet_is_reached_with_backoff() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("12 events", || host.durable().len() == 12).await;
+    wait_until_async("12 events", SOON, || host.durable_count() == 12).await;
     trigger.trigger();
     tokio::time::timeout(SOON, handle)
         .await

@@ -3,8 +3,9 @@
 //! and every event must reach storage exactly as sent.
 
 use weir_flume::FlumeSourceConfig;
+use weir_testkit::RecordingHost;
 
-use crate::common::{run_peer, start, FakeHost};
+use crate::common::{run_peer, start};
 
 struct Case {
     args: &'static [&'static str],
@@ -17,7 +18,7 @@ struct Case {
 }
 
 async fn push(case: Case) {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let config = FlumeSourceConfig {
         deflate: case.deflate,
         ..FlumeSourceConfig::listen("127.0.0.1:0")
@@ -56,7 +57,7 @@ async fn push(case: Case) {
         .collect();
     assert_eq!(matches, case.matches, "{stderr}");
 
-    let durable = host.durable();
+    let durable = host.durable_records();
     assert_eq!(durable.len(), case.batches * case.batch_size, "{stdout}");
     let mut i = 0;
     for b in 0..case.batches {

@@ -7,12 +7,13 @@ use weir_flume::flume::Status;
 use weir_flume::ipc::requestor::Reply;
 use weir_flume::FlumeSourceConfig;
 use weir_receiver::StoreError;
+use weir_testkit::{wait_until_async, RecordingHost};
 
-use crate::common::{events, run_peer, start, Client, FakeHost, SOON};
+use crate::common::{events, run_peer, start, Client, SOON};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_failure_is_answered_failed_and_the_python_client_sees_it() {
-    let host = FakeHost::failing(StoreError::Storage("injected: fsync failed".into()));
+    let host = RecordingHost::failing(StoreError::Storage("injected: fsync failed".into()));
     let r = start(FlumeSourceConfig::listen("127.0.0.1:0"), host.clone()).await;
     let out = run_peer(
         "flume_avro_client.py",
@@ -46,7 +47,7 @@ async fn a_storage_failure_is_answered_failed_and_the_python_client_sees_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_is_shutting_down_answers_failed() {
-    let host = FakeHost::failing(StoreError::ShuttingDown);
+    let host = RecordingHost::failing(StoreError::ShuttingDown);
     let r = start(FlumeSourceConfig::listen("127.0.0.1:0"), host.clone()).await;
     let mut c = Client::connect(r.addr, false).await;
     assert_eq!(c.append_batch(&events(0, 2)).await, Status::Failed);
@@ -55,7 +56,7 @@ async fn a_node_that_is_shutting_down_answers_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_still_waiting_when_shutdown_comes_is_answered_failed_after_close_timeout() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     host.set_delay(Duration::from_secs(3600));
     let r = start(
         FlumeSourceConfig {
@@ -68,7 +69,10 @@ async fn a_call_still_waiting_when_shutdown_comes_is_answered_failed_after_close
     let mut c = Client::connect(r.addr, false).await;
     let call = tokio::spawn(async move { c.append_batch(&events(0, 2)).await });
     let stats = r.receiver.stats();
-    crate::common::wait_until("the call is stored", || stats.calls.load(Relaxed) == 1).await;
+    wait_until_async("the call is stored", SOON, || {
+        stats.calls.load(Relaxed) == 1
+    })
+    .await;
     r.trigger_shutdown();
     let status = tokio::time::timeout(SOON, call).await.unwrap().unwrap();
     assert_eq!(status, Status::Failed);
@@ -77,7 +81,7 @@ async fn a_call_still_waiting_when_shutdown_comes_is_answered_failed_after_close
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_messages_and_oversized_batches_get_error_replies_on_a_live_connection() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         FlumeSourceConfig {
             max_events_per_batch: 5,
@@ -106,7 +110,7 @@ async fn unknown_messages_and_oversized_batches_get_error_replies_on_a_live_conn
         other => panic!("{other:?}"),
     }
     assert_eq!(c.append_batch(&events(1, 5)).await, Status::Ok);
-    assert_eq!(host.durable().len(), 5);
+    assert_eq!(host.durable_count(), 5);
     assert_eq!(r.receiver.stats().error_replies.load(Relaxed), 2);
     r.stop().await;
 }

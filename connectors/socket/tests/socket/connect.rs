@@ -6,7 +6,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use weir_socket::SocketConfig;
 
-use crate::common::{start, wait_until, FakeHost, SOON};
+use weir_testkit::{wait_until_async, RecordingHost};
+
+use crate::common::{start, SOON};
 
 fn config(addr: std::net::SocketAddr) -> SocketConfig {
     SocketConfig {
@@ -28,31 +30,37 @@ async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
 async fn reads_split_and_crlf_lines_stores_the_last_unterminated_one_and_reconnects() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let r = start(config(addr), FakeHost::new()).await;
+    let r = start(config(addr), RecordingHost::new()).await;
     let stats = r.receiver.stats();
 
     let mut source = accept(&listener).await;
     source.write_all(b"alpha\r\nbe").await.unwrap();
-    wait_until("alpha is stored", || r.host.received_count() == 1).await;
+    wait_until_async("alpha is stored", SOON, || r.host.received_count() == 1).await;
     source.write_all(b"ta\n\ngam").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     source.write_all(b"ma").await.unwrap();
     // The source goes away: the unterminated last line is stored at end of input.
     drop(source);
     drop(listener);
-    wait_until("the last line is stored", || r.host.received_count() == 4).await;
+    wait_until_async("the last line is stored", SOON, || {
+        r.host.received_count() == 4
+    })
+    .await;
     assert_eq!(r.host.received(), ["alpha", "beta", "", "gamma"]);
     // While the source is down, attempts fail and are retried with backoff.
-    wait_until("reconnect attempts fail", || stats.connect_failures() >= 2).await;
+    wait_until_async("reconnect attempts fail", SOON, || {
+        stats.connect_failures() >= 2
+    })
+    .await;
 
     let listener = TcpListener::bind(addr)
         .await
         .expect("rebind the source's port");
     let mut source = accept(&listener).await;
     source.write_all(b"delta\n").await.unwrap();
-    wait_until("delta is stored", || r.host.received_count() == 5).await;
+    wait_until_async("delta is stored", SOON, || r.host.received_count() == 5).await;
     assert_eq!(r.host.received(), ["alpha", "beta", "", "gamma", "delta"]);
-    wait_until("everything is durable", || r.host.confirmed() == 5).await;
+    wait_until_async("everything is durable", SOON, || r.host.confirmed() == 5).await;
     assert_eq!(stats.connections_accepted(), 2);
     assert_eq!(stats.connections_active(), 1);
     assert_eq!(stats.records(), 5);
@@ -74,7 +82,7 @@ async fn an_oversize_line_drops_the_connection_and_the_receiver_reconnects() {
             max_record_bytes: 16,
             ..config(addr)
         },
-        FakeHost::new(),
+        RecordingHost::new(),
     )
     .await;
     let mut source = accept(&listener).await;
@@ -84,7 +92,7 @@ async fn an_oversize_line_drops_the_connection_and_the_receiver_reconnects() {
     let _ = source.write_all(&bytes).await;
     let mut source2 = accept(&listener).await;
     source2.write_all(b"after\n").await.unwrap();
-    wait_until("after is stored", || r.host.received_count() == 2).await;
+    wait_until_async("after is stored", SOON, || r.host.received_count() == 2).await;
     assert_eq!(r.host.received(), ["ok", "after"]);
     let errors = r.host.errors();
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -102,7 +110,7 @@ async fn stores_are_pipelined_not_awaited_one_by_one() {
     // 40 s; with up to 64 calls in flight it takes about a second.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let host = FakeHost::with_delay(Duration::from_millis(200));
+    let host = RecordingHost::with_delay(Duration::from_millis(200));
     let r = start(
         SocketConfig {
             records_per_store: 10,
@@ -115,7 +123,10 @@ async fn stores_are_pipelined_not_awaited_one_by_one() {
     let lines: String = (0..2000).map(|i| format!("line-{i:05}\n")).collect();
     let t = Instant::now();
     source.write_all(lines.as_bytes()).await.unwrap();
-    wait_until("all 2000 lines are durable", || host.confirmed() == 2000).await;
+    wait_until_async("all 2000 lines are durable", SOON, || {
+        host.confirmed() == 2000
+    })
+    .await;
     let took = t.elapsed();
     assert!(host.calls() >= 200, "{} calls", host.calls());
     assert!(

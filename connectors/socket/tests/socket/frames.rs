@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use weir_socket::{Protocol, SocketConfig};
 
-use crate::common::{start, wait_until, Event, FakeHost};
+use weir_testkit::{wait_until_async, RecordingHost};
+
+use crate::common::{start, Event, SOON};
 
 fn frames_config() -> SocketConfig {
     SocketConfig::listen("127.0.0.1:0", Protocol::Frames)
@@ -12,17 +14,17 @@ fn frames_config() -> SocketConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_are_cumulative_and_come_only_after_the_host_confirmed_durability() {
-    let host = FakeHost::holding();
+    let host = RecordingHost::holding();
     let r = start(frames_config(), host.clone()).await;
     let mut p = r.connect().await;
     p.send_frames(&["r0", "r1", "r2", "r3", "r4"]).await;
-    wait_until("the first five are handed to store()", || {
+    wait_until_async("the first five are handed to store()", SOON, || {
         host.received_count() == 5
     })
     .await;
     let first_calls = host.calls();
     p.send_frames(&["r5", "r6", "r7", "r8", "r9"]).await;
-    wait_until("all ten are handed to store()", || {
+    wait_until_async("all ten are handed to store()", SOON, || {
         host.received_count() == 10
     })
     .await;
@@ -58,7 +60,7 @@ async fn acks_are_cumulative_and_come_only_after_the_host_confirmed_durability()
         (0..10).map(|i| format!("r{i}")).collect::<Vec<_>>()
     );
     let stats = r.receiver.stats();
-    wait_until("the connection is closed", || {
+    wait_until_async("the connection is closed", SOON, || {
         stats.connections_active() == 0
     })
     .await;
@@ -69,7 +71,7 @@ async fn acks_are_cumulative_and_come_only_after_the_host_confirmed_durability()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ack_is_at_most_what_the_host_confirmed() {
     // Many small calls resolving at random-ish times: each ack read is checked against the host.
-    let host = FakeHost::with_delay(Duration::from_millis(30));
+    let host = RecordingHost::with_delay(Duration::from_millis(30));
     let r = start(
         SocketConfig {
             records_per_store: 7,
@@ -109,7 +111,7 @@ async fn every_ack_is_at_most_what_the_host_confirmed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_producer_resends_what_was_not_acknowledged() {
-    let host = FakeHost::holding();
+    let host = RecordingHost::holding();
     let r = start(frames_config(), host.clone()).await;
     let records: Vec<String> = (0..10).map(|i| format!("rec-{i}")).collect();
 
@@ -117,10 +119,16 @@ async fn a_reconnecting_producer_resends_what_was_not_acknowledged() {
     // producer dies.
     let mut p = r.connect().await;
     p.send_frames(&records[..4]).await;
-    wait_until("four handed to store()", || host.received_count() == 4).await;
+    wait_until_async("four handed to store()", SOON, || {
+        host.received_count() == 4
+    })
+    .await;
     let first_calls = host.calls();
     p.send_frames(&records[4..]).await;
-    wait_until("ten handed to store()", || host.received_count() == 10).await;
+    wait_until_async("ten handed to store()", SOON, || {
+        host.received_count() == 10
+    })
+    .await;
     host.release(first_calls);
     let acked = *p.acks_until(4).await.last().unwrap();
     assert_eq!(acked, 4);
@@ -130,7 +138,7 @@ async fn a_reconnecting_producer_resends_what_was_not_acknowledged() {
     // from zero.
     let mut p = r.connect().await;
     p.send_frames(&records[acked as usize..]).await;
-    wait_until("the resent records are handed to store()", || {
+    wait_until_async("the resent records are handed to store()", SOON, || {
         host.received_count() == 16
     })
     .await;
@@ -141,7 +149,7 @@ async fn a_reconnecting_producer_resends_what_was_not_acknowledged() {
 
     // At least once: every record is durable; the unacknowledged ones of the first connection
     // became durable too, so they are there twice.
-    wait_until("all durable", || host.confirmed() == 16).await;
+    wait_until_async("all durable", SOON, || host.confirmed() == 16).await;
     let durable = host.durable();
     for rec in &records {
         let n = durable.iter().filter(|d| *d == rec).count();
@@ -153,7 +161,7 @@ async fn a_reconnecting_producer_resends_what_was_not_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_frames_and_empty_frames_pass_intact() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         SocketConfig {
             max_record_bytes: 3 << 20,

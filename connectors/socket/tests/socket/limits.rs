@@ -5,11 +5,13 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use weir_socket::{Protocol, SocketConfig};
 
-use crate::common::{start, wait_until, Event, FakeHost, SOON};
+use weir_testkit::{wait_until_async, RecordingHost};
+
+use crate::common::{start, Event, SOON};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_frame_closes_only_its_connection() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         SocketConfig {
             max_record_bytes: 1024,
@@ -43,7 +45,7 @@ async fn an_oversize_frame_closes_only_its_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_line_closes_only_its_connection_after_storing_the_lines_before_it() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         SocketConfig {
             max_record_bytes: 10,
@@ -54,12 +56,12 @@ async fn an_oversize_line_closes_only_its_connection_after_storing_the_lines_bef
     .await;
     let mut good = r.connect().await;
     good.send(b"g1\n").await;
-    wait_until("g1 stored", || host.received_count() == 1).await;
+    wait_until_async("g1 stored", SOON, || host.received_count() == 1).await;
     let mut bad = r.connect().await;
     bad.send(b"b1\nthis line is far too long\nb2\n").await;
     assert_eq!(bad.next_event(SOON).await, Event::Closed);
     good.send(b"g2\n").await;
-    wait_until("g2 stored", || host.received_count() == 3).await;
+    wait_until_async("g2 stored", SOON, || host.received_count() == 3).await;
     assert_eq!(host.received(), ["g1", "b1", "g2"]);
     assert!(host.errors()[0].contains("max_record_bytes = 10"));
     // A line without any newline is refused as soon as it cannot fit any more.
@@ -73,7 +75,7 @@ async fn an_oversize_line_closes_only_its_connection_after_storing_the_lines_bef
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_partial_frames_are_never_acknowledged_and_never_hang() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         SocketConfig::listen("127.0.0.1:0", Protocol::Frames),
         host.clone(),
@@ -116,7 +118,7 @@ async fn garbage_and_partial_frames_are_never_acknowledged_and_never_hang() {
 
     // Nothing was stored, and the receiver still serves.
     let stats = r.receiver.stats();
-    wait_until("those connections are closed", || {
+    wait_until_async("those connections are closed", SOON, || {
         stats.connections_active() == 0
     })
     .await;
@@ -131,7 +133,7 @@ async fn garbage_and_partial_frames_are_never_acknowledged_and_never_hang() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_is_enforced_and_frees_up_when_one_closes() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         SocketConfig {
             max_connections: 2,
@@ -145,7 +147,7 @@ async fn max_connections_is_enforced_and_frees_up_when_one_closes() {
     let mut b = r.connect().await;
     a.send(b"a\n").await;
     b.send(b"b\n").await;
-    wait_until("a and b are served", || host.received_count() == 2).await;
+    wait_until_async("a and b are served", SOON, || host.received_count() == 2).await;
 
     let mut c = r.connect().await;
     assert_eq!(c.next_event(SOON).await, Event::Closed);
@@ -153,19 +155,19 @@ async fn max_connections_is_enforced_and_frees_up_when_one_closes() {
     assert_eq!(stats.connections_active(), 2);
 
     drop(a);
-    wait_until("a is closed", || stats.connections_active() == 1).await;
+    wait_until_async("a is closed", SOON, || stats.connections_active() == 1).await;
     let mut d = r.connect().await;
     d.send(b"d\n").await;
-    wait_until("d is served", || host.received_count() == 3).await;
+    wait_until_async("d is served", SOON, || host.received_count() == 3).await;
     assert_eq!(stats.connections_accepted(), 3);
     b.send(b"b2\n").await;
-    wait_until("b still works", || host.received_count() == 4).await;
+    wait_until_async("b still works", SOON, || host.received_count() == 4).await;
     r.stop().await.0.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idle_timeout_closes_silent_connections_but_not_busy_ones() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         SocketConfig {
             idle_timeout_ms: 400,
@@ -194,7 +196,7 @@ async fn the_idle_timeout_closes_silent_connections_but_not_busy_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idle_timeout_waits_for_outstanding_stores() {
-    let host = FakeHost::holding();
+    let host = RecordingHost::holding();
     let r = start(
         SocketConfig {
             idle_timeout_ms: 200,
@@ -205,7 +207,10 @@ async fn the_idle_timeout_waits_for_outstanding_stores() {
     .await;
     let mut waiting = r.connect().await;
     waiting.send_frames(&["held"]).await;
-    wait_until("held is handed to store()", || host.received_count() == 1).await;
+    wait_until_async("held is handed to store()", SOON, || {
+        host.received_count() == 1
+    })
+    .await;
     // Silent for three idle timeouts, but its store is outstanding: still open.
     assert_eq!(
         waiting.next_event(Duration::from_millis(600)).await,

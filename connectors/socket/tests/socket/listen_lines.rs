@@ -2,11 +2,13 @@
 
 use weir_socket::{Protocol, SocketConfig};
 
-use crate::common::{start, wait_until, FakeHost};
+use weir_testkit::{wait_until_async, RecordingHost};
+
+use crate::common::{start, SOON};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_producers_have_all_their_lines_stored_in_order() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     let r = start(
         SocketConfig {
             peer_header: true,
@@ -40,7 +42,10 @@ async fn two_concurrent_producers_have_all_their_lines_stored_in_order() {
     for p in producers {
         locals.push(p.await.unwrap());
     }
-    wait_until("10000 lines are stored", || host.received_count() == 10_000).await;
+    wait_until_async("10000 lines are stored", SOON, || {
+        host.received_count() == 10_000
+    })
+    .await;
     let records = host.received_records();
     for (p, local) in locals.iter().enumerate() {
         let mine: Vec<String> = records

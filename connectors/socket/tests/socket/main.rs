@@ -1,4 +1,5 @@
-//! Integration tests of the socket receiver on real loopback sockets, with a fake host.
+//! Integration tests of the socket receiver on real loopback sockets, with
+//! `weir_testkit::RecordingHost` as the host.
 
 mod common;
 mod connect;

@@ -4,9 +4,11 @@
 use std::collections::HashSet;
 use std::process::Command;
 
+use weir_receiver::StoreError;
 use weir_socket::{Protocol, SocketConfig};
+use weir_testkit::RecordingHost;
 
-use crate::common::{start, FakeHost, SOON};
+use crate::common::{start, SOON};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_producer_gets_every_record_durable_despite_a_failed_store() {
@@ -14,8 +16,8 @@ async fn the_python_producer_gets_every_record_durable_despite_a_failed_store() 
         Command::new("python3").arg("--version").output().is_ok(),
         "python3 not found: this test runs peers/frames_producer.py; install Python 3 (apt-get install python3)"
     );
-    let host = FakeHost::new();
-    host.fail_call(3);
+    let host = RecordingHost::new();
+    host.fail_call(3, StoreError::Storage("injected failure".into()));
     let r = start(
         SocketConfig {
             records_per_store: 50,

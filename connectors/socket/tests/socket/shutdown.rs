@@ -6,11 +6,13 @@ use tokio::net::TcpListener;
 use weir_receiver::StoreError;
 use weir_socket::{Protocol, SocketConfig};
 
-use crate::common::{start, wait_until, Event, FakeHost, SOON};
+use weir_testkit::{wait_until_async, RecordingHost};
+
+use crate::common::{start, Event, SOON};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_pending_stores_sends_the_final_ack_and_returns_ok() {
-    let host = FakeHost::holding();
+    let host = RecordingHost::holding();
     let r = start(
         SocketConfig::listen("127.0.0.1:0", Protocol::Frames),
         host.clone(),
@@ -18,10 +20,13 @@ async fn shutdown_waits_for_pending_stores_sends_the_final_ack_and_returns_ok() 
     .await;
     let mut p = r.connect().await;
     p.send_frames(&["a", "b", "c"]).await;
-    wait_until("three handed to store()", || host.received_count() == 3).await;
+    wait_until_async("three handed to store()", SOON, || {
+        host.received_count() == 3
+    })
+    .await;
     let first_calls = host.calls();
     p.send_frames(&["d", "e", "f"]).await;
-    wait_until("six handed to store()", || host.received_count() == 6).await;
+    wait_until_async("six handed to store()", SOON, || host.received_count() == 6).await;
     host.release(first_calls);
     assert_eq!(p.acks_until(3).await.last(), Some(&3));
 
@@ -43,7 +48,7 @@ async fn shutdown_waits_for_pending_stores_sends_the_final_ack_and_returns_ok() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_gives_up_on_stores_that_never_resolve_after_close_timeout() {
-    let host = FakeHost::holding();
+    let host = RecordingHost::holding();
     let r = start(
         SocketConfig {
             close_timeout_ms: 300,
@@ -54,7 +59,7 @@ async fn shutdown_gives_up_on_stores_that_never_resolve_after_close_timeout() {
     .await;
     let mut p = r.connect().await;
     p.send_frames(&["stuck"]).await;
-    wait_until("handed to store()", || host.received_count() == 1).await;
+    wait_until_async("handed to store()", SOON, || host.received_count() == 1).await;
     let (result, took) = r.stop().await;
     result.unwrap();
     assert!(took < Duration::from_secs(3), "{took:?}");
@@ -64,7 +69,7 @@ async fn shutdown_gives_up_on_stores_that_never_resolve_after_close_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stores_the_complete_lines_already_read() {
-    let host = FakeHost::holding();
+    let host = RecordingHost::holding();
     let r = start(
         SocketConfig {
             records_per_store: 1,
@@ -78,9 +83,12 @@ async fn shutdown_stores_the_complete_lines_already_read() {
     // One write: read at once; "a" fills the one in-flight slot, "b" and "c" wait in the buffer,
     // and "part" is no complete line.
     p.send(b"a\nb\nc\npart").await;
-    wait_until("a handed to store()", || host.received_count() == 1).await;
+    wait_until_async("a handed to store()", SOON, || host.received_count() == 1).await;
     r.trigger_shutdown();
-    wait_until("b and c handed to store()", || host.received_count() == 3).await;
+    wait_until_async("b and c handed to store()", SOON, || {
+        host.received_count() == 3
+    })
+    .await;
     host.release_all();
     let (result, _) = r.join().await;
     result.unwrap();
@@ -91,7 +99,7 @@ async fn shutdown_stores_the_complete_lines_already_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_down_store_errors_are_not_reported() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
     host.fail_all(StoreError::ShuttingDown);
     let r = start(
         SocketConfig::listen("127.0.0.1:0", Protocol::Frames),
@@ -108,7 +116,11 @@ async fn shutting_down_store_errors_are_not_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_failure_closes_the_connection_without_acknowledging_the_failed_records() {
-    let host = FakeHost::new();
+    let host = RecordingHost::new();
+    host.fail_if(
+        |r| r.payload.starts_with(b"FAIL"),
+        StoreError::Storage("injected failure".into()),
+    );
     let r = start(
         SocketConfig::listen("127.0.0.1:0", Protocol::Frames),
         host.clone(),
@@ -140,7 +152,7 @@ async fn a_bind_failure_is_an_error_naming_the_address() {
         weir_socket::SocketReceiver::new(SocketConfig::listen(addr.clone(), Protocol::Frames))
             .unwrap();
     let (_trigger, shutdown) = weir_receiver::shutdown_channel();
-    let ctx = weir_receiver::ReceiverContext::new("sock", FakeHost::new(), shutdown, 0);
+    let ctx = weir_receiver::ReceiverContext::new("sock", RecordingHost::new(), shutdown, 0);
     let e = tokio::time::timeout(SOON, weir_receiver::Receiver::run(&receiver, ctx))
         .await
         .expect("fails at once")
