@@ -43,10 +43,12 @@ use std::task::{Context, Poll};
 
 mod backoff;
 mod config_error;
+mod stats;
 
 pub use backoff::Backoff;
 pub use bytes::Bytes;
 pub use config_error::ConfigError;
+pub use stats::{stat_names, unreported_fields, ConnectorStats, Stat, StatKind};
 use tokio::sync::watch;
 
 /// One record: a payload, an optional key, headers, and where it came from.

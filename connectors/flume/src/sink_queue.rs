@@ -134,6 +134,63 @@ pub struct QueueStats {
     pub pushes_refused_floor: AtomicU64,
 }
 
+impl weir_receiver::ConnectorStats for QueueStats {
+    fn report(&self, out: &mut dyn FnMut(weir_receiver::Stat<'_>)) {
+        use weir_receiver::Stat;
+        for (name, help, v) in [
+            (
+                "weir_sink_events_accepted_total",
+                "Events made durable (pushes answered OK).",
+                &self.events_accepted,
+            ),
+            (
+                "weir_sink_events_acked_total",
+                "Events whose transaction was committed.",
+                &self.events_acked,
+            ),
+            (
+                "weir_sink_rollbacks_nack_total",
+                "Transactions rolled back by nack.",
+                &self.rollbacks_nack,
+            ),
+            (
+                "weir_sink_rollbacks_timeout_total",
+                "Transactions rolled back by tx_timeout_ms.",
+                &self.rollbacks_timeout,
+            ),
+            (
+                "weir_sink_ignored_total",
+                "ack/nack of unknown or finished sequence numbers.",
+                &self.ignored,
+            ),
+            (
+                "weir_sink_events_recovered_total",
+                "Events found again when the queue was opened.",
+                &self.events_recovered,
+            ),
+            (
+                "weir_sink_pushes_refused_floor_total",
+                "Pushes refused because free space was below the floor.",
+                &self.pushes_refused_floor,
+            ),
+        ] {
+            out(Stat::counter(name, help, v.load(Relaxed)));
+        }
+        out(Stat::gauge(
+            "weir_sink_events_queued",
+            "Events held now (ready or handed out, not acked).",
+            self.events_queued.load(Relaxed),
+        ));
+        out(Stat {
+            name: "weir_waiting_for_space",
+            help: "1 while writes at this place wait for disk space (wal: the queue's log; free_space_floor: pushes refused).",
+            kind: weir_receiver::StatKind::Gauge,
+            labels: &[("place", "free_space_floor")],
+            value: self.below_floor.load(Relaxed),
+        });
+    }
+}
+
 struct Held {
     id: u64,
     segment: u64,
@@ -585,6 +642,22 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn every_counter_is_exported() {
+        use weir_receiver::ConnectorStats;
+        let s = QueueStats::default();
+        let missing = weir_receiver::unreported_fields(&format!("{s:?}"), &s);
+        // below_floor is exported as weir_waiting_for_space{place="free_space_floor"}.
+        assert_eq!(
+            missing,
+            ["below_floor"],
+            "counted, not exported: {missing:?}"
+        );
+        let mut seen = false;
+        s.report(&mut |st| seen |= st.labels == [("place", "free_space_floor")]);
+        assert!(seen);
+    }
     use weir_wal::sim::SimStorage;
     use weir_wal::WalConfig;
 

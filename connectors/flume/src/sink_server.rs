@@ -132,6 +132,54 @@ pub struct PullServerStats {
     pub malformed_closed: AtomicU64,
 }
 
+impl weir_receiver::ConnectorStats for PullServerStats {
+    fn report(&self, out: &mut dyn FnMut(weir_receiver::Stat<'_>)) {
+        use std::sync::atomic::Ordering::Relaxed;
+        use weir_receiver::Stat;
+        for (name, help, v) in [
+            (
+                "weir_sink_pull_connections_accepted_total",
+                "Pull connections served.",
+                &self.connections_accepted,
+            ),
+            (
+                "weir_sink_pull_connections_rejected_total",
+                "Pull connections closed at once (max_connections).",
+                &self.connections_rejected,
+            ),
+            (
+                "weir_sink_pull_batches_served_total",
+                "Batches handed out with events.",
+                &self.batches_served,
+            ),
+            (
+                "weir_sink_pull_events_served_total",
+                "Events handed out (redeliveries included).",
+                &self.events_served,
+            ),
+            (
+                "weir_sink_pull_error_batches_total",
+                "Error batches answered (nothing to serve).",
+                &self.error_batches,
+            ),
+            ("weir_sink_pull_acks_total", "ack calls.", &self.acks),
+            ("weir_sink_pull_nacks_total", "nack calls.", &self.nacks),
+            (
+                "weir_sink_pull_malformed_closed_total",
+                "Pull connections closed for malformed input.",
+                &self.malformed_closed,
+            ),
+        ] {
+            out(Stat::counter(name, help, v.load(Relaxed)));
+        }
+        out(Stat::gauge(
+            "weir_sink_pull_connections_active",
+            "Pull connections open now.",
+            self.connections_active.load(Relaxed),
+        ));
+    }
+}
+
 /// The `SparkFlumeProtocol` responder (presents Spark's text).
 ///
 /// # Panics

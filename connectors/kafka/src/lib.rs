@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod direct;
+mod stats;
 pub use direct::{DirectStats, KafkaDirectSource};
 
 use std::collections::{BTreeMap, HashMap};

@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use weir_receiver::{ConnectorStats, Stat};
+
 macro_rules! stats {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// Counters of one socket receiver, shared with its connections (see
@@ -105,5 +107,77 @@ pub(crate) struct ActiveGuard(Arc<SocketStats>);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.connections_active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl ConnectorStats for SocketStats {
+    fn report(&self, out: &mut dyn FnMut(Stat<'_>)) {
+        let s = self.snapshot();
+        for (name, help, v) in [
+            (
+                "weir_socket_connections_accepted_total",
+                "Connections served (accepted, or established in connect mode).",
+                s.connections_accepted,
+            ),
+            (
+                "weir_socket_connections_rejected_total",
+                "Connections closed at once because max_connections were open.",
+                s.connections_rejected,
+            ),
+            (
+                "weir_socket_connect_failures_total",
+                "Failed connection attempts (connect mode).",
+                s.connect_failures,
+            ),
+            (
+                "weir_socket_records_total",
+                "Records handed to store().",
+                s.records,
+            ),
+            (
+                "weir_socket_bytes_total",
+                "Payload bytes of those records.",
+                s.bytes,
+            ),
+            (
+                "weir_socket_records_durable_total",
+                "Records whose store() resolved durable.",
+                s.records_durable,
+            ),
+            (
+                "weir_socket_oversize_errors_total",
+                "Connections closed for a record larger than max_record_bytes.",
+                s.oversize_errors,
+            ),
+            (
+                "weir_socket_idle_closed_total",
+                "Connections closed by idle_timeout_ms.",
+                s.idle_closed,
+            ),
+            (
+                "weir_socket_store_failures_total",
+                "store() calls that failed (each closed its connection).",
+                s.store_failures,
+            ),
+        ] {
+            out(Stat::counter(name, help, v));
+        }
+        out(Stat::gauge(
+            "weir_socket_connections_active",
+            "Connections open now.",
+            s.connections_active,
+        ));
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_exported() {
+        let s = SocketStats::default();
+        let missing = weir_receiver::unreported_fields(&format!("{s:?}"), &s);
+        assert!(missing.is_empty(), "counted, not exported: {missing:?}");
     }
 }

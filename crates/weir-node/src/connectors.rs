@@ -109,27 +109,27 @@ impl ReceiverKind {
         match self {
             ReceiverKind::Socket(c) => {
                 let r = weir_socket::SocketReceiver::new(c.clone()).map_err(|x| e(&x))?;
-                ctx.add_metrics(stats::socket(name, r.stats()));
+                ctx.add_metrics(stats::receiver(name, r.stats()));
                 ctx.add_receiver(name, r);
             }
             ReceiverKind::Kafka(c) if c.mode == weir_kafka::KafkaMode::Direct => {
                 let s = weir_kafka::KafkaDirectSource::new(c.clone()).map_err(|x| e(&x))?;
-                ctx.add_metrics(stats::kafka_direct(name, s.stats()));
+                ctx.add_metrics(stats::receiver(name, s.stats()));
                 ctx.add_direct_source(name, s);
             }
             ReceiverKind::Kafka(c) => {
                 let r = weir_kafka::KafkaReceiver::new(c.clone()).map_err(|x| e(&x))?;
-                ctx.add_metrics(stats::kafka(name, r.stats()));
+                ctx.add_metrics(stats::receiver(name, r.stats()));
                 ctx.add_receiver(name, r);
             }
             ReceiverKind::Flume(c) => {
                 let r = weir_flume::FlumeSourceReceiver::new(c.clone()).map_err(|x| e(&x))?;
-                ctx.add_metrics(stats::flume(name, r.stats()));
+                ctx.add_metrics(stats::receiver(name, r.stats()));
                 ctx.add_receiver(name, r);
             }
             ReceiverKind::FlumePull(c) => {
                 let r = weir_flume::FlumePullReceiver::new(c.clone()).map_err(|x| e(&x))?;
-                ctx.add_metrics(stats::flume_pull(name, r.stats()));
+                ctx.add_metrics(stats::receiver(name, r.stats()));
                 ctx.add_receiver(name, r);
             }
         }

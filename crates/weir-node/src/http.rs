@@ -33,7 +33,7 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// What `/metrics` and `/health` read: the engine's registry (`receiver-node run`) or the pull
 /// sink's counters (`receiver-node sink`).
 pub trait StatusSource: Send + Sync {
-    /// Every metric, in the Prometheus text format.
+    /// Every metric, as OpenMetrics text.
     fn prometheus_text(&self) -> String;
     /// The places waiting for disk space now (empty when none): `/health` is then degraded.
     fn waiting_for_space(&self) -> Vec<&'static str>;
@@ -74,7 +74,7 @@ impl std::fmt::Debug for Status {
 pub type SharedStatus = Arc<Mutex<Status>>;
 
 const TEXT: &str = "text/plain; charset=utf-8";
-const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PROMETHEUS: &str = weir::stream::metrics::CONTENT_TYPE;
 
 async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
     match &weir::receiver::lock(&status).metrics {

@@ -94,7 +94,7 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         let name = format!("output {} ({})", i + 1, out.describe());
         let out = Arc::new(out);
         if out.kafka().is_some() {
-            ctx.add_metrics(stats::kafka_output(&format!("{}", i + 1), out.clone()));
+            ctx.add_metrics(stats::output(i + 1, out.clone()));
         }
         ctx.foreach_batch(name, move |batch| {
             out.write(batch)

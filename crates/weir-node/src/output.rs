@@ -409,6 +409,15 @@ fn write_file(
     Ok(())
 }
 
+/// A `kafka` output's delivery counters (nothing for other outputs).
+impl weir_receiver::ConnectorStats for Output {
+    fn report(&self, out: &mut dyn FnMut(weir_receiver::Stat<'_>)) {
+        if let Some(k) = self.kafka() {
+            k.report(out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -359,6 +359,7 @@ impl Writer {
     }
 
     fn sync_active(&mut self) -> io::Result<()> {
+        let t0 = Instant::now();
         self.active.file.sync_data().map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -366,6 +367,10 @@ impl Writer {
             )
         })?;
         self.shared.metrics.fsyncs.fetch_add(1, Relaxed);
+        self.shared
+            .metrics
+            .fsync_seconds
+            .observe(t0.elapsed().as_secs_f64());
         self.unsynced = false;
         self.last_sync = Instant::now();
         Ok(())

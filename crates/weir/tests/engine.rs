@@ -155,7 +155,8 @@ async fn every_stored_record_reaches_exactly_one_batch_in_time_order() {
         )),
         "{text}"
     );
-    assert!(text.contains("# TYPE weir_wal_fsyncs_total counter"));
+    assert!(text.contains("# TYPE weir_wal_fsyncs counter"), "{text}");
+    assert!(text.contains("\nweir_wal_fsyncs_total "), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

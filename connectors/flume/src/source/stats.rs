@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use weir_receiver::{ConnectorStats, Stat};
+
 /// Counters of one Flume source, shared with its connections; they live as long as the
 /// receiver value, across restarts of its `run`.
 #[derive(Debug, Default)]
@@ -54,5 +56,41 @@ pub(crate) struct ActiveGuard(Arc<FlumeSourceStats>);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.connections_active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl ConnectorStats for FlumeSourceStats {
+    fn report(&self, out: &mut dyn FnMut(Stat<'_>)) {
+        for (name, help, v) in [
+            ("weir_flume_connections_accepted_total", "Connections served (accepted and not rejected).", &self.connections_accepted),
+            ("weir_flume_connections_rejected_total", "Connections closed at once because max_connections were open.", &self.connections_rejected),
+            ("weir_flume_calls_total", "append/appendBatch calls whose events were handed to store().", &self.calls),
+            ("weir_flume_events_total", "Events handed to store().", &self.events),
+            ("weir_flume_bytes_total", "Body bytes of those events.", &self.bytes),
+            ("weir_flume_events_durable_total", "Events answered OK (durable).", &self.events_durable),
+            ("weir_flume_calls_failed_total", "Calls answered FAILED (store failed or the node was stopping).", &self.calls_failed),
+            ("weir_flume_error_replies_total", "Calls answered with an Avro error (unknown message, bad parameters, too many events).", &self.error_replies),
+            ("weir_flume_malformed_closed_total", "Connections closed for a malformed frame, handshake or compressed stream.", &self.malformed_closed),
+            ("weir_flume_idle_closed_total", "Connections closed by idle_timeout_ms.", &self.idle_closed),
+        ] {
+            out(Stat::counter(name, help, v.load(Relaxed)));
+        }
+        out(Stat::gauge(
+            "weir_flume_connections_active",
+            "Connections open now.",
+            self.connections_active.load(Relaxed),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_exported() {
+        let s = FlumeSourceStats::default();
+        let missing = weir_receiver::unreported_fields(&format!("{s:?}"), &s);
+        assert!(missing.is_empty(), "counted, not exported: {missing:?}");
     }
 }

@@ -6,7 +6,9 @@ pub mod codec;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::histogram::Histogram;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -88,10 +90,8 @@ impl BlockCache {
     }
 
     fn publish(&self, c: &CacheInner) {
-        self.metrics
-            .blocks_cached
-            .store(c.map.len() as u64, Relaxed);
-        self.metrics.cache_bytes.store(c.bytes, Relaxed);
+        self.metrics.blocks_cached.set(c.map.len() as u64);
+        self.metrics.cache_bytes.set(c.bytes);
     }
 }
 
@@ -151,7 +151,7 @@ impl BlockSource {
         let bytes = match self.cache.get(&handle) {
             Some(b) => b,
             None => {
-                self.metrics.cache_misses.fetch_add(1, Relaxed);
+                self.metrics.cache_misses.inc();
                 self.wal.read(handle).map_err(|e| {
                     format!(
                         "reading block {}@{} from the WAL: {e}",
@@ -234,7 +234,7 @@ impl BlockWriter {
     /// is where the durable part of the log ends, blocks or not.
     pub(crate) fn take_unallocated(&self) -> Unallocated {
         let mut u = lock(&self.unallocated);
-        self.metrics.unallocated_blocks.store(0, Relaxed);
+        self.metrics.unallocated_blocks.set(0);
         Unallocated {
             blocks: std::mem::take(&mut u.blocks),
             end: u.end,
@@ -256,7 +256,7 @@ impl BlockWriter {
         // Append and enqueue under one lock: completion order is WAL order.
         let mut s = s;
         s.append = Some(self.wal.append(s.block.clone()));
-        self.metrics.blocks_pending.fetch_add(1, Relaxed);
+        self.metrics.blocks_pending.inc();
         if let Err(mpsc::error::SendError(Message::Block(s))) = tx.send(Message::Block(Box::new(s)))
         {
             s.done.send_replace(Some(Err(StoreError::ShuttingDown)));
@@ -295,7 +295,7 @@ impl BlockWriter {
                 Some(a) => a.await,
                 None => continue,
             };
-            self.metrics.blocks_pending.fetch_sub(1, Relaxed);
+            self.metrics.blocks_pending.dec();
             match result {
                 Ok(handle) => {
                     self.cache.insert(handle, block);
@@ -305,15 +305,11 @@ impl BlockWriter {
                             .push(BlockRef::in_wal(handle, records, receiver.clone()));
                         u.end = Some(handle.next_position());
                         u.checkpoints.insert(receiver, checkpoint);
-                        self.metrics
-                            .unallocated_blocks
-                            .store(u.blocks.len() as u64, Relaxed);
+                        self.metrics.unallocated_blocks.set(u.blocks.len() as u64);
                     }
-                    metrics
-                        .records_stored
-                        .fetch_add(u64::from(records), Relaxed);
-                    metrics.bytes_stored.fetch_add(payload_bytes, Relaxed);
-                    metrics.blocks_stored.fetch_add(1, Relaxed);
+                    metrics.records_stored.inc_by(u64::from(records));
+                    metrics.bytes_stored.inc_by(payload_bytes);
+                    metrics.blocks_stored.inc();
                     done.send_replace(Some(Ok(BlockId {
                         segment: handle.segment,
                         offset: handle.offset,
@@ -322,15 +318,13 @@ impl BlockWriter {
                 Err(e) => {
                     let msg = e.to_string();
                     tracing::error!(%receiver, records, error = %msg, "block not stored: nothing of it is acknowledged");
-                    metrics.store_failures.fetch_add(1, Relaxed);
+                    metrics.store_failures.inc();
                     let _ = self.fatal.set(msg.clone());
                     done.send_replace(Some(Err(StoreError::Storage(msg))));
                 }
             }
             if let Some(p) = &permit {
-                metrics
-                    .pending_bytes
-                    .fetch_sub((p.num_permits() as u64) << 10, Relaxed);
+                metrics.pending_bytes.dec_by((p.num_permits() as u64) << 10);
             }
             drop(permit);
         }
@@ -453,9 +447,7 @@ impl Generator {
             g.limiter.acquire(n).await;
             let throttled = t0.elapsed();
             if throttled > Duration::from_micros(50) {
-                g.metrics
-                    .throttled_us
-                    .fetch_add(throttled.as_micros() as u64, Relaxed);
+                g.metrics.throttled_us.inc_by(throttled.as_micros() as u64);
             }
             let result = match g.budget.clone().acquire_many_owned(a.kib).await {
                 Ok(permit) => g.add(&a.records, a.sizes, permit),
@@ -498,7 +490,7 @@ impl Generator {
         if let Some(p) = st.permit.take() {
             self.metrics
                 .pending_bytes
-                .fetch_sub((p.num_permits() as u64) << 10, Relaxed);
+                .dec_by((p.num_permits() as u64) << 10);
         }
     }
 
@@ -549,7 +541,7 @@ impl Generator {
         st.payload_bytes += sizes.payload;
         self.metrics
             .pending_bytes
-            .fetch_add((permit.num_permits() as u64) << 10, Relaxed);
+            .inc_by((permit.num_permits() as u64) << 10);
         match &mut st.permit {
             Some(p) => p.merge(permit),
             None => st.permit = Some(permit),
@@ -567,13 +559,23 @@ impl Generator {
             .min(self.budget_kib)
     }
 
-    async fn wait(mut rx: watch::Receiver<Outcome>, n: usize) -> Result<Stored, StoreError> {
+    /// Waits until the block holding the call's records is durable (or failed); observes the
+    /// time since the call (`t0`) in the store→durable histogram.
+    async fn wait(
+        mut rx: watch::Receiver<Outcome>,
+        n: usize,
+        t0: Instant,
+        latency: Histogram,
+    ) -> Result<Stored, StoreError> {
         match rx.wait_for(Option::is_some).await {
             Ok(v) => match v.as_ref().expect("checked by wait_for") {
-                Ok(id) => Ok(Stored {
-                    records: n,
-                    block: Some(*id),
-                }),
+                Ok(id) => {
+                    latency.observe(t0.elapsed().as_secs_f64());
+                    Ok(Stored {
+                        records: n,
+                        block: Some(*id),
+                    })
+                }
                 Err(e) => Err(e.clone()),
             },
             Err(_) => Err(StoreError::Storage(
@@ -583,6 +585,8 @@ impl Generator {
     }
 
     pub(crate) fn store(self: &Arc<Self>, records: Vec<Record>) -> StoreFuture {
+        let t0 = Instant::now();
+        let latency = self.writer.metrics.latency.store_to_durable.clone();
         let n = records.len();
         if n == 0 {
             return StoreFuture::ready(Ok(Stored {
@@ -596,16 +600,14 @@ impl Generator {
         let sizes = Sizes::of(&records);
         let size = sizes.encoded;
         if size > self.max_call {
-            self.metrics.store_failures.fetch_add(1, Relaxed);
+            self.metrics.store_failures.inc();
             return StoreFuture::ready(Err(StoreError::TooLarge {
                 bytes: size,
                 max: self.max_call,
             }));
         }
-        self.metrics.records_received.fetch_add(n as u64, Relaxed);
-        self.metrics
-            .bytes_received
-            .fetch_add(sizes.payload, Relaxed);
+        self.metrics.records_received.inc_by(n as u64);
+        self.metrics.bytes_received.inc_by(sizes.payload);
         let kib = self.kib(size);
         // Fast path: no rate limit, room in the budget and nobody queued before us: the records
         // enter the current block now, in call order.
@@ -613,12 +615,12 @@ impl Generator {
             match self.budget.clone().try_acquire_many_owned(kib) {
                 Ok(permit) => {
                     return match self.add(&records, sizes, permit) {
-                        Ok(rx) => StoreFuture::new(Self::wait(rx, n)),
+                        Ok(rx) => StoreFuture::new(Self::wait(rx, n, t0, latency)),
                         Err(e) => StoreFuture::ready(Err(e)),
                     };
                 }
                 Err(_) => {
-                    self.metrics.backpressure_waits.fetch_add(1, Relaxed);
+                    self.metrics.backpressure_waits.inc();
                 }
             }
         }
@@ -638,7 +640,7 @@ impl Generator {
         }
         StoreFuture::new(async move {
             let rx = answer.await.map_err(|_| StoreError::ShuttingDown)??;
-            Self::wait(rx, n).await
+            Self::wait(rx, n, t0, latency).await
         })
     }
 }
@@ -654,7 +656,7 @@ impl ReceiverHost for Host {
     }
 
     fn report_error(&self, message: &str) {
-        self.generator.metrics.errors_reported.fetch_add(1, Relaxed);
+        self.generator.metrics.errors_reported.inc();
         tracing::warn!(receiver = %self.generator.name, error = message, "receiver reported an error");
     }
 

@@ -99,8 +99,8 @@ impl Engine {
 
     /// Applies a committed allocation: remembers the batch, cleans up, queues it.
     pub(super) fn allocated(&self, p: PendingAlloc) {
-        self.metrics.tracker_commits.fetch_add(1, Relaxed);
-        self.metrics.batches_allocated.fetch_add(1, Relaxed);
+        self.metrics.tracker_commits.inc();
+        self.metrics.batches_allocated.inc();
         if !p.positions.is_empty() {
             lock(&self.direct_positions).extend(p.positions);
         }
@@ -192,7 +192,7 @@ impl Engine {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.metrics.tracker_commits.fetch_add(1, Relaxed);
+        self.metrics.tracker_commits.inc();
         let mut s = lock(&self.schedule);
         s.persisted(completed);
         self.forget_and_clean(&mut s, forget_before);

@@ -19,7 +19,7 @@ impl Engine {
             let planned = match src.plan(&position) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.metrics.direct_plan_failures.fetch_add(1, Relaxed);
+                    self.metrics.direct_plan_failures.inc();
                     tracing::warn!(source = %name, error = %e, "planning the direct source's ranges failed; this batch goes ahead without it");
                     continue;
                 }
@@ -30,7 +30,7 @@ impl Engine {
                 // records to two batches.
                 if let Some(last) = position.get(&r.stream, r.partition) {
                     if r.from <= last {
-                        self.metrics.direct_plan_failures.fetch_add(1, Relaxed);
+                        self.metrics.direct_plan_failures.inc();
                         tracing::error!(source = %name, range = %r, last_planned = last, "a planned range overlaps earlier batches; left out");
                         continue;
                     }
@@ -97,7 +97,7 @@ impl Engine {
                     let block = b.finish(name, &cp, now_ms());
                     self.metrics
                         .direct_records_read
-                        .fetch_add(records.len() as u64, Relaxed);
+                        .inc_by(records.len() as u64);
                     refs.push(BlockRef {
                         location: self.source.pin(block),
                         records: records.len() as u32,

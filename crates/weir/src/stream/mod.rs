@@ -43,7 +43,7 @@ use crate::space::Place;
 use crate::tracker::{BlockRef, Commit, DirectRange, Tracker, TrackerError};
 use crate::wal::{CleanupThreshold, Storage, Wal, WalError, WalPosition};
 pub use config::{ClockMode, StreamingConfig};
-pub use metrics::{Collector, Metrics, MetricsRegistry, ReceiverMetrics};
+pub use metrics::{EngineMetrics, LabelledStats, Metrics, MetricsRegistry, ReceiverMetrics};
 pub use running::{RunningContext, StopReport};
 use weir_receiver::lock;
 
@@ -173,7 +173,7 @@ pub struct StreamingContext {
     receivers: Vec<(Arc<str>, DynReceiver)>,
     direct: Vec<(Arc<str>, Arc<dyn DirectSource>)>,
     jobs: Vec<Job>,
-    collectors: Vec<Collector>,
+    collectors: Vec<LabelledStats>,
 }
 
 impl std::fmt::Debug for StreamingContext {
@@ -251,10 +251,10 @@ impl StreamingContext {
         self
     }
 
-    /// Adds samples to the engine's metrics (e.g. a receiver's own counters: Kafka lag, socket
-    /// connections), taken at every read of [`RunningContext::metrics`].
-    pub fn add_metrics(&mut self, collector: Collector) -> &mut Self {
-        self.collectors.push(collector);
+    /// Adds a component's own metrics (a connector's [`ConnectorStats`](weir_receiver::ConnectorStats):
+    /// Kafka lag, socket connections), read at every scrape of [`RunningContext::metrics`].
+    pub fn add_metrics(&mut self, stats: LabelledStats) -> &mut Self {
+        self.collectors.push(stats);
         self
     }
 
@@ -318,7 +318,7 @@ impl StreamingContext {
         }
         let metrics = Arc::new(Metrics::default());
         for c in collectors {
-            metrics.add_collector(c);
+            metrics.add_stats(c);
         }
         let cache = Arc::new(BlockCache::new(config.block_cache_bytes, metrics.clone()));
         let rec = {
@@ -342,7 +342,7 @@ impl StreamingContext {
         for (name, _) in &receivers {
             let limit = config.rate.starting_limit();
             let rm = metrics.receiver(name);
-            rm.rate_limit.store(limit.map_or(0, |l| l as u64), Relaxed);
+            rm.rate_limit.set(limit.map_or(0, |l| l as u64));
             let g = Generator::new(
                 name.clone(),
                 writer.clone(),
@@ -402,6 +402,7 @@ impl StreamingContext {
             writer: writer.clone(),
             source,
             metrics: metrics.clone(),
+            registry: MetricsRegistry::new(metrics.clone(), wal.metrics().clone()),
             generators,
             schedule: Mutex::new(Schedule::recovered(
                 rec.batches,
@@ -423,11 +424,11 @@ impl StreamingContext {
             direct_positions: Mutex::new(direct_positions),
         });
         if let Some(c) = completed {
-            metrics.last_completed_batch_ms.store(c, Relaxed);
+            metrics.last_completed_batch_ms.set(c);
         }
         // Re-run what was allocated but not completed, in time order, before anything new.
         for t in &rec.rerun {
-            metrics.batches_rerun.fetch_add(1, Relaxed);
+            metrics.batches_rerun.inc();
             tracing::info!(batch = t, "re-running a batch allocated before the restart");
             engine.enqueue(*t);
         }
@@ -537,6 +538,8 @@ struct Engine {
     writer: Arc<BlockWriter>,
     source: Arc<BlockSource>,
     metrics: Arc<Metrics>,
+    /// The engine's metrics with the WAL's and the connectors', for scrapes.
+    registry: MetricsRegistry,
     generators: Vec<(Arc<str>, Arc<Generator>)>,
     /// Allocated batches in memory (see [`Schedule`]).
     schedule: Mutex<Schedule>,

@@ -12,7 +12,7 @@ impl Engine {
         self: &Arc<Self>,
         t: u64,
         what: &str,
-        failures: &std::sync::atomic::AtomicU64,
+        failures: &prometheus_client::metrics::counter::Counter,
         attempt: Arc<dyn Fn() -> Result<(), StepError> + Send + Sync>,
     ) -> bool {
         let mut backoff = weir_receiver::Backoff::new(
@@ -30,7 +30,7 @@ impl Engine {
                 Ok(Err(e)) => (e.message, e.no_space),
                 Err(e) => (format!("panicked: {e}"), false),
             };
-            failures.fetch_add(1, Relaxed);
+            failures.inc();
             let delay = backoff.next_delay();
             if no_space {
                 // Logged once as an error, then as a reminder, while the episode lasts.
@@ -161,12 +161,17 @@ impl Engine {
         let processing = t0.elapsed().as_millis() as u64;
         let scheduling = started.saturating_sub(t);
         let m = &self.metrics;
-        m.processing_delay_ms.store(processing, Relaxed);
-        m.scheduling_delay_ms.store(scheduling, Relaxed);
-        m.total_delay_ms.store(scheduling + processing, Relaxed);
-        m.batches_completed.fetch_add(1, Relaxed);
-        m.batch_records.fetch_add(batch.count(), Relaxed);
-        m.last_completed_batch_ms.store(t, Relaxed);
+        m.processing_delay_ms.set(processing);
+        m.scheduling_delay_ms.set(scheduling);
+        m.total_delay_ms.set(scheduling + processing);
+        let l = &m.latency;
+        l.batch_processing.observe(t0.elapsed().as_secs_f64());
+        l.batch_scheduling.observe(scheduling as f64 / 1000.0);
+        l.batch_total
+            .observe(scheduling as f64 / 1000.0 + t0.elapsed().as_secs_f64());
+        m.batches_completed.inc();
+        m.batch_records.inc_by(batch.count());
+        m.last_completed_batch_ms.set(t);
         self.completed.send_replace(Some(t));
         if !self.direct.is_empty() {
             self.direct_completed(t).await;
@@ -192,10 +197,7 @@ impl Engine {
                 let max = self.config.rate.max_records_per_sec.map(|m| m as f64);
                 let limit = max.map_or(rate, |m| m.min(rate));
                 g.limiter.set_limit(Some(limit));
-                self.metrics
-                    .receiver(name)
-                    .rate_limit
-                    .store(limit as u64, Relaxed);
+                self.metrics.receiver(name).rate_limit.set(limit as u64);
             }
         }
     }

@@ -3,7 +3,6 @@
 //! idempotent repairs, so a crash during recovery is just another crash.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -154,18 +153,12 @@ pub(crate) fn recover(
         checkpoints.entry(r.to_string()).or_default().merge(c);
     }
 
-    metrics
-        .blocks_lost_corruption
-        .fetch_add(lost_blocks, Relaxed);
-    metrics
-        .records_lost_corruption
-        .fetch_add(lost_records, Relaxed);
+    metrics.blocks_lost_corruption.inc_by(lost_blocks);
+    metrics.records_lost_corruption.inc_by(lost_records);
     metrics
         .unallocated_blocks
-        .store(unallocated.blocks.len() as u64, Relaxed);
-    metrics
-        .recovery_ms
-        .store(t0.elapsed().as_millis() as u64, Relaxed);
+        .set(unallocated.blocks.len() as u64);
+    metrics.recovery_ms.set(t0.elapsed().as_millis() as u64);
     tracing::info!(
         wal_records = report.records,
         torn_tails = report.torn_tails.len(),

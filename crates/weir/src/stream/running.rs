@@ -42,10 +42,7 @@ impl RunningContext {
 
     /// Every metric of the engine, its receivers and its WAL.
     pub fn metrics(&self) -> MetricsRegistry {
-        MetricsRegistry {
-            engine: self.engine.metrics.clone(),
-            wal: self.engine.wal.metrics().clone(),
-        }
+        self.engine.registry.clone()
     }
 
     /// The fatal error that stopped the engine, if any.

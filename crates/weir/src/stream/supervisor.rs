@@ -1,6 +1,5 @@
 //! Runs one receiver and restarts it with exponential backoff when it fails.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,14 +36,14 @@ pub(crate) async fn supervise(s: Supervised) {
             break;
         }
         let ctx = ReceiverContext::new(s.name.clone(), s.host.clone(), s.shutdown.clone(), attempt);
-        s.metrics.running.store(1, Relaxed);
+        s.metrics.running.set(1);
         let started = Instant::now();
         // A separate task, so that a panic in the receiver is caught as a JoinError; aborted
         // with the supervisor.
         let run = tokio::spawn(s.receiver.run(ctx));
         let _abort = AbortOnDrop(run.abort_handle());
         let outcome = run.await;
-        s.metrics.running.store(0, Relaxed);
+        s.metrics.running.set(0);
         let failure = match outcome {
             Ok(Ok(())) => {
                 tracing::info!(receiver = %s.name, "receiver finished");
@@ -70,7 +69,7 @@ pub(crate) async fn supervise(s: Supervised) {
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        s.metrics.restarts.fetch_add(1, Relaxed);
+        s.metrics.restarts.inc();
         attempt = attempt.saturating_add(1);
         tracing::warn!(
             receiver = %s.name, error = %failure, restart_in_ms = delay.as_millis() as u64, attempt,
