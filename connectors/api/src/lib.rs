@@ -1,5 +1,8 @@
 //! The receiver API of weir.
 //!
+//! (Over 700 lines with its tests: the whole receiver API is on this one page on purpose, so
+//! that a connector author reads one file.)
+//!
 //! A receiver talks to one source (a socket, a Kafka consumer group, a Flume agent, ...) and hands
 //! what it reads to weir with [`ReceiverContext::store`]. The returned [`StoreFuture`] resolves only
 //! when every record of that call is durable (in a write-ahead-log block that has been fsynced);

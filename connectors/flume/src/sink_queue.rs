@@ -1,6 +1,9 @@
 //! The pull sink's durable queue: events and acknowledgements in a weir write-ahead log, the
 //! transactions in memory.
 //!
+//! (Over 700 lines with its tests, which replay the queue on the simulated disk next to the
+//! code they check.)
+//!
 //! Log records (a version byte, then `postcard`): `Events { first, events }` — events with the
 //! consecutive ids `first..`, appended (and fsynced) before a push is answered `OK`; `Acked {
 //! ranges }` — ids whose transaction was committed. On open the log is replayed: every event

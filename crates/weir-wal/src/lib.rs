@@ -1,5 +1,9 @@
 //! The write-ahead log: durable, checksummed, group-committed, recoverable.
 //!
+//! (Over 700 lines: the `Wal` handle, its shared state and cleanup are one unit whose
+//! invariants — the segment list, the append queue, pins — are locked and documented together;
+//! the writer, reader, recovery and format live in their own files.)
+//!
 //! # What it promises
 //! - With [`FsyncPolicy::Always`] (the default), an append's future resolves with a
 //!   [`RecordHandle`] only after the record, and the directory entry of any segment it lives in,

@@ -1,6 +1,10 @@
 //! An in-memory [`Storage`] for tests: a disk that can crash, tear the last write, flip bits and
 //! fail on command.
 //!
+//! (Over 700 lines: one disk model — files, what is synced, crash images, injected faults and the
+//! redb backend over the same files — whose parts share one lock and one set of invariants;
+//! about 700 of the lines are its own tests.)
+//!
 //! The model, per file: `data` (what reads see) and `synced` (what survives a crash). Appends
 //! change `data`; [`StorageFile::sync_data`] copies `data` to `synced`. Per directory: the live
 //! names and the durable names; [`Storage::sync_dir`] makes the live names durable. A crash

@@ -2,6 +2,9 @@
 //! been allocated, and each receiver's checkpoint. Stored in `redb`, one transaction per batch
 //! interval (never one per block: a durable WAL record *is* the block).
 //!
+//! (Over 700 lines with its tests, about a sixth of the file, kept next to the transactions
+//! they check.)
+//!
 //! Blocks are allocated in WAL order — every batch takes all blocks that became durable before it,
 //! and blocks become durable in log order — so "which blocks are allocated" is a single position,
 //! `allocated_end`: everything before it belongs to some batch, everything after it to none yet.

@@ -1,5 +1,8 @@
 //! WAL benchmarks, compared with fio on the same disk in the same sitting.
 //!
+//! (Over 700 lines: one harness with its scenarios — appends at several sizes and concurrencies,
+//! recovery — their fio anchors and the report, which read best as one program.)
+//!
 //! A custom harness (`harness = false`) rather than criterion: "N appenders for T seconds" does
 //! not fit criterion's iteration model, and the figures that matter (sustained MiB/s, latency
 //! percentiles, appends per fsync) only mean something next to what the disk itself does, run
