@@ -11,15 +11,32 @@ use crate::direct::DirectStats;
 use crate::output::KafkaOutput;
 use crate::KafkaStats;
 
-/// The counters both modes have, `extra`, then the lag per partition.
+/// The counters both modes share (records, bytes, commits, commit failures).
+struct Shared<'a>([&'a AtomicU64; 4]);
+
+/// The shared counters, the mode's `extra` one, then the lag per partition.
 fn consumer(
     out: &mut dyn FnMut(Stat<'_>),
-    counters: [(&'static str, &'static str, &AtomicU64); 5],
+    shared: Shared<'_>,
+    extra: (&'static str, &'static str, &AtomicU64),
     lag: &Mutex<BTreeMap<(String, i32), i64>>,
 ) {
-    for (name, help, v) in counters {
+    let names = [
+        ("weir_kafka_records_total", "Records consumed from Kafka."),
+        (
+            "weir_kafka_bytes_total",
+            "Payload bytes consumed from Kafka.",
+        ),
+        ("weir_kafka_commits_total", "Offset commits that succeeded."),
+        (
+            "weir_kafka_commit_failures_total",
+            "Offset commits that failed (retried with the next one).",
+        ),
+    ];
+    for ((name, help), v) in names.into_iter().zip(shared.0) {
         out(Stat::counter(name, help, v.load(Relaxed)));
     }
+    out(Stat::counter(extra.0, extra.1, extra.2.load(Relaxed)));
     for ((topic, partition), l) in lock(lag).iter() {
         let partition = partition.to_string();
         out(Stat {
@@ -32,54 +49,37 @@ fn consumer(
     }
 }
 
-const RECORDS: (&str, &str) = ("weir_kafka_records_total", "Records consumed from Kafka.");
-const BYTES: (&str, &str) = (
-    "weir_kafka_bytes_total",
-    "Payload bytes consumed from Kafka.",
-);
-const COMMITS: (&str, &str) = ("weir_kafka_commits_total", "Offset commits that succeeded.");
-const COMMIT_FAILURES: (&str, &str) = (
-    "weir_kafka_commit_failures_total",
-    "Offset commits that failed (retried with the next one).",
-);
-
 impl ConnectorStats for KafkaStats {
     fn report(&self, out: &mut dyn FnMut(Stat<'_>)) {
-        consumer(
-            out,
-            [
-                (RECORDS.0, RECORDS.1, &self.records),
-                (BYTES.0, BYTES.1, &self.bytes),
-                (COMMITS.0, COMMITS.1, &self.commits),
-                (COMMIT_FAILURES.0, COMMIT_FAILURES.1, &self.commit_failures),
-                (
-                    "weir_kafka_rebalances_total",
-                    "Rebalances (assignments and revocations) seen.",
-                    &self.rebalances,
-                ),
-            ],
-            &self.lag,
+        let shared = Shared([
+            &self.records,
+            &self.bytes,
+            &self.commits,
+            &self.commit_failures,
+        ]);
+        let extra = (
+            "weir_kafka_rebalances_total",
+            "Rebalances (assignments and revocations) seen.",
+            &self.rebalances,
         );
+        consumer(out, shared, extra, &self.lag);
     }
 }
 
 impl ConnectorStats for DirectStats {
     fn report(&self, out: &mut dyn FnMut(Stat<'_>)) {
-        consumer(
-            out,
-            [
-                (RECORDS.0, RECORDS.1, &self.records),
-                (BYTES.0, BYTES.1, &self.bytes),
-                (COMMITS.0, COMMITS.1, &self.commits),
-                (COMMIT_FAILURES.0, COMMIT_FAILURES.1, &self.commit_failures),
-                (
-                    "weir_kafka_offsets_skipped_total",
-                    "Direct mode: offsets Kafka deleted before a batch took them.",
-                    &self.offsets_skipped,
-                ),
-            ],
-            &self.lag,
+        let shared = Shared([
+            &self.records,
+            &self.bytes,
+            &self.commits,
+            &self.commit_failures,
+        ]);
+        let extra = (
+            "weir_kafka_offsets_skipped_total",
+            "Direct mode: offsets Kafka deleted before a batch took them.",
+            &self.offsets_skipped,
         );
+        consumer(out, shared, extra, &self.lag);
     }
 }
 
