@@ -31,7 +31,7 @@ pub mod space;
 pub mod stream;
 pub mod tracker;
 
-pub use batch::{Batch, BatchError, Partitioned};
+pub use batch::{Batch, BatchError, BlockErrorKind, Partitioned};
 pub use stream::{
     ClockMode, EngineError, JobError, MetricsRegistry, RunningContext, StopReport, StreamingConfig,
     StreamingContext,

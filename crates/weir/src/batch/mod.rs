@@ -11,16 +11,21 @@ use rayon::prelude::*;
 use weir_receiver::Record;
 
 use crate::block::codec::DecodedBlock;
+pub use crate::block::BlockErrorKind;
 use crate::block::BlockSource;
-use crate::tracker::BlockRef;
+use crate::tracker::{BlockLocation, BlockRef};
 
-/// A block of the batch could not be read (corrupt or missing WAL record, I/O error).
+/// A block of the batch could not be read: which batch, which block, what kind of failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("batch {time}: {message}")]
+#[error("batch {time}, block {block}: {message}")]
 pub struct BatchError {
     /// The batch's time.
     pub time: u64,
-    /// What went wrong, naming the block.
+    /// Where the block lives.
+    pub block: BlockLocation,
+    /// What kind of failure.
+    pub kind: BlockErrorKind,
+    /// What went wrong.
     pub message: String,
 }
 
@@ -105,8 +110,10 @@ impl Batch {
     fn load(&self, i: usize) -> Result<DecodedBlock, BatchError> {
         self.source
             .load(&self.blocks[i])
-            .map_err(|message| BatchError {
+            .map_err(|(kind, message)| BatchError {
                 time: self.time,
+                block: self.blocks[i].location,
+                kind,
                 message,
             })
     }
@@ -114,7 +121,9 @@ impl Batch {
     fn decode_err(&self, i: usize, e: impl std::fmt::Display) -> BatchError {
         BatchError {
             time: self.time,
-            message: format!("block {}: {e}", self.blocks[i].location),
+            block: self.blocks[i].location,
+            kind: BlockErrorKind::Corrupt,
+            message: e.to_string(),
         }
     }
 
@@ -361,6 +370,53 @@ impl<K: Eq + Hash + Send + Sync, V: Send + Sync> Partitioned<(K, V)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::codec::BlockBuilder;
+    use crate::block::BlockCache;
+    use crate::stream::Metrics;
+    use crate::wal::sim::SimStorage;
+    use crate::wal::{Wal, WalConfig};
+    use weir_receiver::Checkpoint;
+
+    /// A batch of one block in a WAL on the simulated disk (not cached, so reads go to the
+    /// WAL), and one in-memory block that was never pinned.
+    #[test]
+    fn a_block_that_cannot_be_read_is_a_typed_error_naming_batch_and_block() {
+        let disk = Arc::new(SimStorage::new());
+        let (wal, _) = Wal::open(disk.clone(), WalConfig::default()).unwrap();
+        let mut b = BlockBuilder::with_capacity(64);
+        b.push(&Record::new("hello"));
+        let handle = wal
+            .append(b.finish("r", &Checkpoint::new(), 0))
+            .wait()
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(BlockCache::new(0, metrics.clone()));
+        let source = Arc::new(BlockSource::new(Arc::new(wal), cache, metrics));
+        let blocks: Arc<[BlockRef]> = Arc::from(vec![
+            BlockRef::in_wal(handle, 1, Arc::from("r")),
+            BlockRef {
+                location: BlockLocation::Memory { id: 7 },
+                records: 1,
+                receiver: Arc::from("d"),
+            },
+        ]);
+        let batch = Batch::new(1000, Arc::from([1000]), blocks, source, Arc::from("n"));
+        assert_eq!(batch.partition(0).unwrap().len(), 1);
+        let gone = batch.partition(1).unwrap_err();
+        assert_eq!((gone.time, gone.kind), (1000, BlockErrorKind::Gone));
+        assert_eq!(gone.block, BlockLocation::Memory { id: 7 });
+
+        let name = disk
+            .file_names()
+            .into_iter()
+            .find(|n| n.ends_with(".wal"))
+            .unwrap();
+        assert!(disk.flip_bit(&name, handle.offset + 10, 3));
+        let bad = batch.partition(0).unwrap_err();
+        assert_eq!(bad.kind, BlockErrorKind::Corrupt, "{bad}");
+        assert_eq!(bad.block, BlockLocation::Wal(handle));
+        assert!(bad.to_string().starts_with("batch 1000, block "), "{bad}");
+    }
 
     #[test]
     fn partitioned_operations_compose() {

@@ -17,7 +17,7 @@ use weir_receiver::{BlockId, Checkpoint, ReceiverHost, Record, StoreError, Store
 use crate::rate::RateLimiter;
 use crate::stream::metrics::{Metrics, ReceiverMetrics};
 use crate::tracker::{BlockLocation, BlockRef};
-use crate::wal::{AppendFuture, RecordHandle, Wal, WalPosition};
+use crate::wal::{AppendFuture, RecordHandle, Wal, WalError, WalPosition};
 use codec::{BlockBuilder, DecodedBlock};
 use weir_receiver::lock;
 
@@ -95,6 +95,18 @@ impl BlockCache {
     }
 }
 
+/// Why a block of a batch could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BlockErrorKind {
+    /// The record or its contents fail their checksum or do not decode.
+    Corrupt,
+    /// The block is no longer there (a deleted segment, a forgotten direct block).
+    Gone,
+    /// An I/O error or a stopped WAL.
+    Unreadable,
+}
+
 /// Reads blocks for batches: from the cache, else from the WAL (checksummed); blocks of direct
 /// sources from memory (pinned until their batch is forgotten).
 #[derive(Debug)]
@@ -136,16 +148,19 @@ impl BlockSource {
         }
     }
 
-    pub(crate) fn load(&self, block: &BlockRef) -> Result<DecodedBlock, String> {
+    pub(crate) fn load(&self, block: &BlockRef) -> Result<DecodedBlock, (BlockErrorKind, String)> {
+        let corrupt =
+            |e: &dyn std::fmt::Display| (BlockErrorKind::Corrupt, format!("decoding: {e}"));
         let handle = match block.location {
             BlockLocation::Wal(h) => h,
             BlockLocation::Memory { id } => {
-                let bytes = lock(&self.pinned)
-                    .get(&id)
-                    .cloned()
-                    .ok_or_else(|| format!("block {id} of a direct source is gone"))?;
-                return DecodedBlock::decode(bytes)
-                    .map_err(|e| format!("decoding direct block {id}: {e}"));
+                let bytes = lock(&self.pinned).get(&id).cloned().ok_or_else(|| {
+                    (
+                        BlockErrorKind::Gone,
+                        format!("block {id} of a direct source is gone"),
+                    )
+                })?;
+                return DecodedBlock::decode(bytes).map_err(|e| corrupt(&e));
             }
         };
         let bytes = match self.cache.get(&handle) {
@@ -153,15 +168,16 @@ impl BlockSource {
             None => {
                 self.metrics.cache_misses.inc();
                 self.wal.read(handle).map_err(|e| {
-                    format!(
-                        "reading block {}@{} from the WAL: {e}",
-                        handle.segment, handle.offset
-                    )
+                    let kind = match e {
+                        WalError::Corruption { .. } => BlockErrorKind::Corrupt,
+                        WalError::NotFound { .. } => BlockErrorKind::Gone,
+                        _ => BlockErrorKind::Unreadable,
+                    };
+                    (kind, format!("reading from the WAL: {e}"))
                 })?
             }
         };
-        DecodedBlock::decode(bytes)
-            .map_err(|e| format!("decoding block {}@{}: {e}", handle.segment, handle.offset))
+        DecodedBlock::decode(bytes).map_err(|e| corrupt(&e))
     }
 }
 
