@@ -25,7 +25,7 @@
 //! let rate = pid.compute(2_000, 5_000, 500, 1_000).unwrap();
 //! assert!(rate < 10_000.0);
 //! limiter.set_limit(Some(rate));
-//! # Ok::<(), String>(())
+//! # Ok::<(), weir::receiver::ConfigError>(())
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
