@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -233,6 +233,64 @@ struct Shared {
     checkpoint: Mutex<Checkpoint>,
     stats: Arc<KafkaStats>,
     revoke_timeout: Duration,
+    /// librdkafka's client-level errors since the poll loop last reported them (at most
+    /// [`MAX_CLIENT_ERRORS`]).
+    client_errors: Mutex<Vec<String>>,
+}
+
+const MAX_CLIENT_ERRORS: usize = 64;
+/// The same error is reported at most once per this interval (the client repeats it at every
+/// reconnection attempt).
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Reports errors through the receiver context, each distinct one at most once per
+/// [`REPORT_EVERY`].
+#[derive(Default)]
+struct Reporter {
+    last: HashMap<String, Instant>,
+}
+
+impl Reporter {
+    fn report(&mut self, ctx: &ReceiverContext, message: &str) {
+        // "... (after 12ms in state CONNECT)" differs at every attempt: not part of the key.
+        let key = message
+            .split(" (after ")
+            .next()
+            .unwrap_or(message)
+            .to_string();
+        let now = Instant::now();
+        if self.last.get(&key).is_some_and(|t| now - *t < REPORT_EVERY) {
+            return;
+        }
+        if self.last.len() > 256 {
+            self.last.retain(|_, t| now - *t < REPORT_EVERY);
+        }
+        self.last.insert(key, now);
+        ctx.report_error(message);
+    }
+}
+
+/// A poll error with what the user needs to act on it: the brokers or topics concerned.
+fn describe_poll_error(e: &KafkaError, config: &KafkaConfig) -> String {
+    let subscribed = match &config.topic_regex {
+        Some(r) => format!("topic_regex {r:?}"),
+        None => format!("topics {:?}", config.topics),
+    };
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            format!(
+                "a subscribed topic does not exist on {} ({subscribed}): {e}",
+                config.bootstrap_servers
+            )
+        }
+        Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure) => {
+            format!(
+                "cannot reach the Kafka brokers {}: {e}",
+                config.bootstrap_servers
+            )
+        }
+        _ => format!("poll ({subscribed} on {}): {e}", config.bootstrap_servers),
+    }
 }
 
 impl Shared {
@@ -279,7 +337,18 @@ struct Ctx {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// librdkafka's client-level errors name the broker and the cause ("127.0.0.1:9092/bootstrap:
+    /// Connect to ipv4#127.0.0.1:9092 failed: Connection refused", "SASL authentication error:
+    /// ..."): kept for the poll loop to report (poll itself returns only a code).
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(error = %error, reason, "Kafka consumer client error");
+        let mut errors = lock(&self.shared.client_errors);
+        if errors.len() < MAX_CLIENT_ERRORS {
+            errors.push(format!("Kafka client error {error}: {reason}"));
+        }
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
@@ -517,7 +586,11 @@ impl Receiver for KafkaReceiver {
             let mut last_commit = Instant::now();
             let commit_every = Duration::from_millis(config.commit_interval_ms);
             let mut topics: Vec<Arc<str>> = Vec::new();
+            let mut reporter = Reporter::default();
             while !ctx2.is_shutting_down() {
+                for e in std::mem::take(&mut *lock(&poll_shared.client_errors)) {
+                    reporter.report(&ctx2, &e);
+                }
                 if let Some(f) = lock(&poll_shared.progress).failed.clone() {
                     return Err(ReceiverError::msg(format!("storing failed: {f}")));
                 }
@@ -538,7 +611,7 @@ impl Receiver for KafkaReceiver {
                         None => break,
                         Some(Err(KafkaError::PartitionEOF(_))) => continue,
                         Some(Err(e)) => {
-                            ctx2.report_error(&format!("poll: {e}"));
+                            reporter.report(&ctx2, &describe_poll_error(&e, &config));
                             break;
                         }
                         Some(Ok(m)) => {

@@ -221,12 +221,21 @@ struct AttemptState {
     first_error: Option<String>,
 }
 
-/// The producer's context: routes each delivery report to its batch attempt.
-struct OutputContext;
+/// The producer's context: routes each delivery report to its batch attempt, and keeps the last
+/// client-level error (which names the broker: "127.0.0.1:9092/bootstrap: Connect ... refused")
+/// to explain a failed delivery.
+#[derive(Default)]
+struct OutputContext {
+    last_error: Mutex<Option<String>>,
+}
 
 impl ClientContext for OutputContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(error = %error, reason, "Kafka output producer");
+        // "1/1 brokers are down" says less than the connection error before it.
+        if !reason.ends_with("brokers are down") {
+            *lock(&self.last_error) = Some(reason.to_string());
+        }
     }
 }
 
@@ -341,7 +350,7 @@ impl KafkaOutput {
 fn create(config: &KafkaOutputConfig) -> Result<Inner, KafkaOutputError> {
     config
         .client_config()
-        .create_with_context(OutputContext)
+        .create_with_context(OutputContext::default())
         .map_err(|e| KafkaOutputError::Create(describe(&e)))
 }
 
@@ -476,6 +485,10 @@ impl BatchDelivery<'_> {
             }
             (s.failed, s.first_error.clone().unwrap_or_default())
         };
+        let first = match self.diagnosis() {
+            Some(d) => format!("{first}; {d}"),
+            None => first,
+        };
         let e = self.fatal().unwrap_or(KafkaOutputError::Delivery {
             topic: self.output.config.topic.clone(),
             failed,
@@ -483,6 +496,31 @@ impl BatchDelivery<'_> {
             first,
         });
         Err(self.fail(e))
+    }
+
+    /// Why deliveries may be failing, asked of the cluster: the topic's metadata error (it does
+    /// not exist, no authorisation), or, when no broker answers, the last broker error.
+    fn diagnosis(&self) -> Option<String> {
+        let topic = &self.output.config.topic;
+        let client = self.producer.client();
+        match client.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+            Ok(md) => md.topics().first().and_then(|t| t.error()).map(|e| {
+                format!(
+                    "the cluster says of topic {topic:?}: {}",
+                    RDKafkaErrorCode::from(e)
+                )
+            }),
+            Err(e) => Some(match lock(&client.context().last_error).clone() {
+                Some(last) => format!(
+                    "no broker of {} answered ({e}); last broker error: {last}",
+                    self.output.config.bootstrap_servers
+                ),
+                None => format!(
+                    "no broker of {} answered ({e})",
+                    self.output.config.bootstrap_servers
+                ),
+            }),
+        }
     }
 
     fn fatal(&self) -> Option<KafkaOutputError> {

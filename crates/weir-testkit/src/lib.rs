@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use weir::StreamingContext;
 
 mod host;
+pub mod peers;
 
 pub use host::RecordingHost;
 
