@@ -6,12 +6,13 @@
 //! - `--source socket` (default): a socket receiver in `frames` mode on a free loopback port;
 //!   producers send records and record every acknowledgement (the cumulative durable count the
 //!   node writes back), reconnect after a kill and resend what was not acknowledged.
-//! - `--source kafka`: librdkafka's mock cluster, started in this process, with a topic of
-//!   `--partitions` partitions; an idempotent producer sends records at `--rate` per second and
+//! - `--source kafka`: librdkafka's mock cluster, started in this process, or with
+//!   `--bootstrap HOST:PORT` a real Kafka cluster (a new topic `crash-harness-<time>-<pid>` is
+//!   created there, replicated to up to 3 brokers), with a topic of `--partitions` partitions; an idempotent producer sends records at `--rate` per second and
 //!   counts every record whose delivery report succeeded ("acknowledged" below means delivered
 //!   to Kafka); the node consumes with the Kafka receiver (consumer-group mode). The producer
 //!   pauses while the group's committed offsets trail what was delivered by more than
-//!   `--max-backlog` records on a partition, so the mock's retention (about 5 MiB or 100,000
+//!   `--max-backlog` records on a partition, so retention (the mock's: about 5 MiB or 100,000
 //!   records per partition) never drops a record the node has not stored.
 //! - `--source flume`: Flume agents push `appendBatch` calls to the node's Flume Avro source
 //!   (acknowledged = answered `OK`).
@@ -43,7 +44,8 @@
 //! ```text
 //! cargo build --release --bins
 //! target/release/crash-harness --kills 300 --seed 7          # a long run
-//! target/release/crash-harness --source kafka --kills 20     # the Kafka receiver
+//! target/release/crash-harness --source kafka --kills 20     # the Kafka receiver, mock cluster
+//! target/release/crash-harness --source kafka --bootstrap 127.0.0.1:9092 --kills 50
 //! ```
 
 use std::path::PathBuf;
@@ -120,6 +122,10 @@ struct Opts {
     /// cluster's retention of ~5 MiB or 100,000 records per partition).
     #[arg(long, default_value_t = 20_000)]
     max_backlog: i64,
+    /// A real Kafka cluster to use instead of the in-process mock (Kafka source): a new topic
+    /// of `--partitions` partitions, replicated to up to 3 brokers, is created there.
+    #[arg(long, value_name = "HOST:PORT")]
+    bootstrap: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -146,12 +152,19 @@ fn run(o: &Opts) -> Result<bool, String> {
     plan.check()?;
     if o.source == Source::Kafka {
         kafka::check_options(o.rate, o.max_backlog)?;
+    } else if o.bootstrap.is_some() {
+        return Err("--bootstrap goes with --source kafka".into());
     }
     // The feed is built in the work directory, once the driver has made it.
     driver::run(&plan, |dir| -> Result<Box<dyn Feed>, String> {
         Ok(match o.source {
             Source::Socket => Box::new(SocketFeed::new(o.producers)?),
-            Source::Kafka => Box::new(KafkaFeed::new(o.partitions, o.rate, o.max_backlog)?),
+            Source::Kafka => Box::new(KafkaFeed::new(
+                o.partitions,
+                o.rate,
+                o.max_backlog,
+                o.bootstrap.as_deref(),
+            )?),
             Source::Flume => Box::new(FlumeFeed::new(o.producers)?),
             Source::FlumePull => Box::new(FlumePullFeed::new(o.producers, dir)?),
         })

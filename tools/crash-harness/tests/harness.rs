@@ -92,3 +92,39 @@ fn the_crash_harness_in_kafka_mode_finds_nothing_delivered_missing_after_kills()
     assert!(duplicates.is_some(), "{report}");
     eprintln!("duplicates seen: {duplicates:?}");
 }
+
+mod real_kafka {
+    /// `--bootstrap`: the harness against a real Kafka 4 broker (started once for this test
+    /// binary by `weir_testkit::peers::kafka`), a few kills; the long runs use the same
+    /// command with `--kills 50`.
+    #[test]
+    fn the_crash_harness_on_a_real_broker_finds_nothing_delivered_missing_after_kills() {
+        let k = weir_testkit::peers::kafka::shared();
+        let _logs = k.logs_on_failure();
+        let bootstrap = k.bootstrap();
+        let report = super::harness_passes(
+            &[
+                "--source",
+                "kafka",
+                "--bootstrap",
+                &bootstrap,
+                "--seed",
+                "11",
+                "--min-ms",
+                "300",
+                "--max-ms",
+                "1500",
+                "--rate",
+                "3000",
+            ],
+            3,
+        );
+        assert!(report.contains("source kafka"), "{report}");
+        let delivered: u64 = report
+            .lines()
+            .find_map(|l| l.split("acknowledged (delivered to Kafka): ").nth(1))
+            .and_then(|r| r.split(',').next()?.parse().ok())
+            .unwrap_or(0);
+        assert!(delivered > 1000, "{report}");
+    }
+}

@@ -1,5 +1,6 @@
-//! `--source kafka`: librdkafka's mock cluster, started in this process, with a topic of
-//! `--partitions` partitions; an idempotent producer sends records at `--rate` per second and
+//! `--source kafka`: librdkafka's mock cluster, started in this process, or the Kafka cluster at
+//! `--bootstrap` (a real broker: a new topic and group named `crash-harness-<time>-<pid>` are
+//! created there), with a topic of `--partitions` partitions; an idempotent producer sends records at `--rate` per second and
 //! counts every record whose delivery report succeeded ("acknowledged" means delivered to
 //! Kafka); the node consumes with the Kafka receiver (consumer-group mode).
 //!
@@ -28,10 +29,8 @@ use weir_receiver::lock;
 use super::{Feed, Producer, Shared};
 use crate::verify::{record, Ledger};
 
-/// The Kafka topic the harness produces to and the node consumes.
-const TOPIC: &str = "events";
-/// The node's consumer group.
-const GROUP: &str = "crash-harness";
+/// The mock cluster's topic the harness produces to and the node consumes, and the node's group.
+const MOCK_TOPIC: &str = "events";
 
 /// Checks the producer's options: `--rate` and `--max-backlog` at least 1.
 pub fn check_options(rate: u64, max_backlog: i64) -> Result<(), String> {
@@ -55,17 +54,39 @@ pub struct KafkaFeed {
     started_at: Instant,
     /// The group's committed offsets (summed) after the drain.
     committed_total: Option<i64>,
-    // Last: dropped after the clients of it.
-    _cluster: MockCluster<'static, DefaultProducerContext>,
+    // Last: dropped after the clients of it. None with `--bootstrap`.
+    _cluster: Option<MockCluster<'static, DefaultProducerContext>>,
 }
 
 impl KafkaFeed {
     /// Starts the mock cluster with a topic of `partitions` partitions; the producer will send
     /// `rate` records a second, pausing while the group trails by more than `max_backlog`.
-    pub fn new(partitions: i32, rate: u64, max_backlog: i64) -> Result<KafkaFeed, String> {
-        let cluster = start_cluster(partitions)?;
+    /// With `bootstrap`, the cluster there is used instead: a new topic is created on it.
+    pub fn new(
+        partitions: i32,
+        rate: u64,
+        max_backlog: i64,
+        bootstrap: Option<&str>,
+    ) -> Result<KafkaFeed, String> {
+        let (cluster, bootstrap, topic) = match bootstrap {
+            None => {
+                let c = start_cluster(partitions)?;
+                let bs = c.bootstrap_servers();
+                (Some(c), bs, MOCK_TOPIC.to_string())
+            }
+            Some(bs) => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let topic = format!("crash-harness-{secs}-{}", std::process::id());
+                create_topic(bs, &topic, partitions)?;
+                (None, bs.to_string(), topic)
+            }
+        };
         let production = Production {
-            bootstrap: cluster.bootstrap_servers(),
+            group: format!("{topic}-group"),
+            topic,
+            bootstrap,
             partitions,
             rate,
             max_backlog,
@@ -74,7 +95,7 @@ impl KafkaFeed {
             paused_ms: Arc::default(),
         };
         Ok(KafkaFeed {
-            reader: group_reader(&production.bootstrap)?,
+            reader: group_reader(&production.bootstrap, &production.group)?,
             production,
             resumes: Vec::new(),
             baseline: 0,
@@ -93,11 +114,12 @@ impl Feed for KafkaFeed {
     fn receiver(&self) -> String {
         // Short session timeouts: a killed node's membership ends soon, so its restart gets
         // the partitions back within seconds.
+        let p = &self.production;
         format!(
-            "[[receiver]]\nname = \"events\"\ntype = \"kafka\"\nbootstrap_servers = \"{}\"\ngroup_id = \"{GROUP}\"\n\
-             topics = [\"{TOPIC}\"]\ncommit_interval_ms = 100\n\
-             [receiver.properties]\n\"session.timeout.ms\" = \"4000\"\n\"heartbeat.interval.ms\" = \"300\"\n",
-            self.production.bootstrap
+            "[[receiver]]\nname = \"events\"\ntype = \"kafka\"\nbootstrap_servers = \"{}\"\ngroup_id = \"{}\"\n\
+             topics = [\"{}\"]\ncommit_interval_ms = 100\n\
+             [receiver.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"300\"\n",
+            p.bootstrap, p.group, p.topic
         )
     }
 
@@ -113,6 +135,7 @@ impl Feed for KafkaFeed {
     fn wait_working(&mut self, node: &mut Child) -> Result<(), String> {
         let resumed = wait_consuming(
             &self.reader,
+            &self.production.topic,
             self.production.partitions,
             self.baseline,
             self.started_at,
@@ -123,7 +146,11 @@ impl Feed for KafkaFeed {
     }
 
     fn killed(&mut self) {
-        self.baseline = committed_sum(&self.reader, self.production.partitions);
+        self.baseline = committed_sum(
+            &self.reader,
+            &self.production.topic,
+            self.production.partitions,
+        );
         self.started_at = Instant::now();
     }
 
@@ -133,7 +160,12 @@ impl Feed for KafkaFeed {
         let ends = lock(&self.production.ends).clone();
         let t0 = Instant::now();
         loop {
-            let c = committed(&self.reader, self.production.partitions).unwrap_or_default();
+            let c = committed(
+                &self.reader,
+                &self.production.topic,
+                self.production.partitions,
+            )
+            .unwrap_or_default();
             let caught_up = ends
                 .iter()
                 .all(|(p, end)| c.get(p).is_some_and(|o| o >= end));
@@ -183,6 +215,8 @@ impl Feed for KafkaFeed {
 #[derive(Clone)]
 struct Production {
     bootstrap: String,
+    topic: String,
+    group: String,
     partitions: i32,
     rate: u64,
     max_backlog: i64,
@@ -223,10 +257,10 @@ impl ProducerContext for Counting {
 }
 
 /// The group's committed offset per partition (partitions without one are absent).
-fn committed(c: &BaseConsumer, partitions: i32) -> Option<HashMap<i32, i64>> {
+fn committed(c: &BaseConsumer, topic: &str, partitions: i32) -> Option<HashMap<i32, i64>> {
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition(TOPIC, p);
+        tpl.add_partition(topic, p);
     }
     let got = c.committed_offsets(tpl, Duration::from_secs(2)).ok()?;
     Some(
@@ -240,21 +274,22 @@ fn committed(c: &BaseConsumer, partitions: i32) -> Option<HashMap<i32, i64>> {
     )
 }
 
-fn committed_sum(c: &BaseConsumer, partitions: i32) -> i64 {
-    committed(c, partitions).map_or(0, |c| c.values().sum())
+fn committed_sum(c: &BaseConsumer, topic: &str, partitions: i32) -> i64 {
+    committed(c, topic, partitions).map_or(0, |c| c.values().sum())
 }
 
 /// Waits until the group's committed offsets pass `baseline`: the node started at `since`
 /// has partitions and stores records again. Returns the time since `since`.
 fn wait_consuming(
     reader: &BaseConsumer,
+    topic: &str,
     partitions: i32,
     baseline: i64,
     since: Instant,
     child: &mut Child,
 ) -> Result<Duration, String> {
     loop {
-        if committed_sum(reader, partitions) > baseline {
+        if committed_sum(reader, topic, partitions) > baseline {
             return Ok(since.elapsed());
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -269,10 +304,10 @@ fn wait_consuming(
     }
 }
 
-fn group_reader(bootstrap: &str) -> Result<BaseConsumer, String> {
+fn group_reader(bootstrap: &str, group: &str) -> Result<BaseConsumer, String> {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", GROUP)
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
         .map_err(|e| format!("creating the offset reader: {e}"))
@@ -297,7 +332,7 @@ fn kafka_producer(feed: Production, shared: &Shared) -> Result<(), String> {
             failed: feed.failed.clone(),
         })
         .map_err(|e| format!("creating the producer: {e}"))?;
-    let reader = group_reader(&feed.bootstrap)?;
+    let reader = group_reader(&feed.bootstrap, &feed.group)?;
     let started = Instant::now();
     let mut produced = 0u64;
     let mut paused = Duration::ZERO;
@@ -307,7 +342,7 @@ fn kafka_producer(feed: Production, shared: &Shared) -> Result<(), String> {
         if last_check.elapsed() >= Duration::from_millis(200) {
             last_check = Instant::now();
             let ends = lock(&feed.ends).clone();
-            behind = match committed(&reader, feed.partitions) {
+            behind = match committed(&reader, &feed.topic, feed.partitions) {
                 Some(c) => ends
                     .iter()
                     .any(|(p, end)| end - c.get(p).copied().unwrap_or(0) > feed.max_backlog),
@@ -327,7 +362,7 @@ fn kafka_producer(feed: Production, shared: &Shared) -> Result<(), String> {
             let id = next_id.fetch_add(1, SeqCst);
             lock(ledger).sent_below(id + 1);
             let payload = record(id);
-            let mut r = BaseRecord::<(), str, Box<u64>>::with_opaque_to(TOPIC, Box::new(id))
+            let mut r = BaseRecord::<(), str, Box<u64>>::with_opaque_to(&feed.topic, Box::new(id))
                 .payload(payload.as_str());
             loop {
                 match producer.send(r) {
@@ -365,7 +400,61 @@ fn start_cluster(partitions: i32) -> Result<MockCluster<'static, DefaultProducer
     let cluster =
         MockCluster::new(1).map_err(|e| format!("starting the Kafka mock cluster: {e}"))?;
     cluster
-        .create_topic(TOPIC, partitions, 1)
-        .map_err(|e| format!("creating topic {TOPIC}: {e}"))?;
+        .create_topic(MOCK_TOPIC, partitions, 1)
+        .map_err(|e| format!("creating topic {MOCK_TOPIC}: {e}"))?;
     Ok(cluster)
+}
+
+/// Creates `topic` on the cluster at `bootstrap`, replicated to up to 3 brokers.
+fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| format!("creating a Kafka admin client for {bootstrap}: {e}"))?;
+    let brokers = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| format!("reaching the Kafka cluster at {bootstrap}: {e}"))?
+        .brokers()
+        .len() as i32;
+    let rf = brokers.clamp(1, 3);
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(rf));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("a runtime for the admin client: {e}"))?;
+    let results = rt
+        .block_on(admin.create_topics([&new], &opts))
+        .map_err(|e| format!("creating topic {topic} on {bootstrap}: {e}"))?;
+    for r in results {
+        r.map_err(|(t, e)| format!("creating topic {t} on {bootstrap}: {e}"))?;
+    }
+    // The new topic's leaders take a moment to be known.
+    let t0 = Instant::now();
+    loop {
+        let ready = admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|m| {
+                m.topics().first().map(|t| {
+                    t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            })
+            .unwrap_or(false);
+        if ready {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "topic {topic} on {bootstrap} has no leaders after 60 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
