@@ -16,6 +16,10 @@
 //! is behind the producer at the end; then the median ratio. `--only plain|weir` runs one
 //! consumer alone.
 //!
+//! `--real` runs the same rounds against a real Apache Kafka 4.1 broker (KRaft, started from
+//! `interop/` by `weir_testkit::peers::kafka`, heap 384 MiB; needs Java 17 and Maven), each round
+//! on a new 16-partition topic; `--bootstrap HOST:PORT` against a cluster of your own.
+//!
 //! The mock broker is single-threaded, keeps at most 5 MiB or 100,000 records per partition,
 //! and answers each fetch with one produced batch per partition: above roughly 200,000
 //! records/s on two cores it, not the consumers, sets the pace, and a consumer that falls behind
@@ -43,6 +47,8 @@ fn main() {
     let mut rate = 150_000.0f64;
     let mut rounds = 3usize;
     let mut only: Option<String> = None;
+    let mut real = false;
+    let mut bootstrap: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -66,16 +72,31 @@ fn main() {
                     .expect("--rounds N")
             }
             "--only" => only = args.next(),
+            "--real" => real = true,
+            "--bootstrap" => bootstrap = args.next(),
             "--bench" => {}
             other => {
-                eprintln!("unknown argument {other}; usage: kafka [--secs S] [--warmup S] [--rate R] [--rounds N]");
+                eprintln!("unknown argument {other}; usage: kafka [--secs S] [--warmup S] [--rate R] [--rounds N] [--only plain|weir] [--real | --bootstrap HOST:PORT]");
                 std::process::exit(2);
             }
         }
     }
+    let broker =
+        (real && bootstrap.is_none()).then(|| weir_testkit::peers::kafka::KafkaCluster::start(1));
+    if let Some(b) = &broker {
+        bootstrap = Some(b.bootstrap());
+    }
+    println!(
+        "broker: {}",
+        match (&bootstrap, &broker) {
+            (Some(_), Some(_)) => "Apache Kafka 4.1, one broker (KRaft) on loopback",
+            (Some(_), None) => "the cluster at --bootstrap",
+            _ => "librdkafka's mock cluster",
+        }
+    );
     let mut rows = Vec::new();
     for r in 0..rounds {
-        let (p, c, w, f) = round(rate, secs, warmup, only.as_deref());
+        let (p, c, w, f) = round(rate, secs, warmup, only.as_deref(), bootstrap.as_deref(), r);
         println!(
             "round {}: produced {p:.0}/s, plain consumer {c:.0}/s, weir into durable batches {w:.0}/s ({f:.0} fsyncs/s), weir/plain {:.2}",
             r + 1,
@@ -90,11 +111,31 @@ fn main() {
     );
 }
 
-/// One round: a fresh mock cluster, producer, plain consumer and weir engine.
-fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f64, f64) {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("bench", PARTITIONS, 1).expect("topic");
-    let bs = cluster.bootstrap_servers();
+/// One round: a fresh mock cluster (or a new topic on a real one), producer, plain consumer and
+/// weir engine.
+fn round(
+    rate: f64,
+    secs: f64,
+    warmup: f64,
+    only: Option<&str>,
+    real: Option<&str>,
+    n: usize,
+) -> (f64, f64, f64, f64) {
+    let mut _cluster = None;
+    let (bs, topic) = match real {
+        Some(bs) => {
+            let topic = format!("bench-{}-{n}", std::process::id());
+            weir_testkit::peers::kafka::create_topic(bs, &topic, PARTITIONS, 1, &[]);
+            (bs.to_string(), topic)
+        }
+        None => {
+            let cluster = MockCluster::new(1).expect("mock cluster");
+            cluster.create_topic("bench", PARTITIONS, 1).expect("topic");
+            let bs = cluster.bootstrap_servers();
+            _cluster = Some(cluster);
+            (bs, "bench".to_string())
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
 
     let produced = Arc::new(AtomicU64::new(0));
@@ -106,6 +147,7 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
     let weir_ready = Arc::new(AtomicBool::new(skip_weir));
     let producer = {
         let (bs, stop, produced) = (bs.clone(), stop.clone(), produced.clone());
+        let topic = topic.clone();
         let ready = (plain_ready.clone(), weir_ready.clone());
         std::thread::spawn(move || {
             let p: BaseProducer = ClientConfig::new()
@@ -132,7 +174,7 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
-                match p.send(BaseRecord::<[u8], [u8]>::to("bench").payload(&payload[..])) {
+                match p.send(BaseRecord::<[u8], [u8]>::to(&topic).payload(&payload[..])) {
                     Ok(()) => {
                         i += 1;
                         if i.is_multiple_of(1000) {
@@ -153,6 +195,7 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
     let plain = Arc::new(AtomicU64::new(0));
     let plain_thread = {
         let (bs, stop, plain) = (bs.clone(), stop.clone(), plain.clone());
+        let topic = topic.clone();
         let ready = plain_ready.clone();
         std::thread::spawn(move || {
             let c: BaseConsumer = ClientConfig::new()
@@ -164,7 +207,7 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
             if skip_plain {
                 return;
             }
-            c.subscribe(&["bench"]).expect("subscribe");
+            c.subscribe(&[topic.as_str()]).expect("subscribe");
             while !stop.load(Relaxed) {
                 if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
                     plain.fetch_add(1, Relaxed);
@@ -185,7 +228,7 @@ fn round(rate: f64, secs: f64, warmup: f64, only: Option<&str>) -> (f64, f64, f6
     let read_back = Arc::new(AtomicU64::new(0));
     let (produced_rate, plain_rate, weir_rate, fsyncs) = rt.block_on(async {
         let mut ctx = StreamingContext::new(StreamingConfig::default(), dir.path());
-        let mut kc = KafkaConfig::new(&bs, "weir", &["bench"]);
+        let mut kc = KafkaConfig::new(&bs, &format!("{topic}-weir"), &[topic.as_str()]);
         kc.properties
             .insert("auto.offset.reset".into(), "earliest".into());
         let receiver = KafkaReceiver::new(kc).expect("config");
