@@ -326,32 +326,10 @@ impl Shared {
                 }
             }
             Err(e) => {
-                // A commit that reached the coordinator and failed is counted by
-                // `Ctx::commit_callback`; this counts one that could not be sent at all.
-                if matches!(mode, CommitMode::Async) {
-                    self.stats.commit_failures.fetch_add(1, Relaxed);
-                }
+                self.stats.commit_failures.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "offset commit failed; retried with the next commit");
             }
         }
-    }
-
-    /// A commit the coordinator refused or never answered (e.g. while a broker is down): counted,
-    /// and its offsets are no longer taken as committed, so the next commit sends them again
-    /// (otherwise an idle partition's offset would stay behind, and its next owner would read
-    /// records again).
-    fn commit_failed(&self, e: &KafkaError, offsets: &TopicPartitionList) {
-        self.stats.commit_failures.fetch_add(1, Relaxed);
-        let mut p = lock(&self.progress);
-        for el in offsets.elements() {
-            if let Offset::Offset(o) = el.offset() {
-                let k = (el.topic().to_string(), el.partition());
-                if p.committed.get(&k) == Some(&(o - 1)) {
-                    p.committed.remove(&k);
-                }
-            }
-        }
-        tracing::warn!(error = %e, "offset commit failed; retried with the next commit");
     }
 }
 
@@ -373,16 +351,6 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &TopicPartitionList,
-    ) {
-        if let Err(e) = result {
-            self.shared.commit_failed(&e, offsets);
-        }
-    }
-
     fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let s = &self.shared;
         s.stats.rebalances.fetch_add(1, Relaxed);
