@@ -207,9 +207,10 @@ pub struct KafkaStats {
     pub records: AtomicU64,
     /// Payload bytes polled.
     pub bytes: AtomicU64,
-    /// Successful commits.
+    /// Commits sent (an asynchronous one is checked against the group afterwards).
     pub commits: AtomicU64,
-    /// Failed commits (retried with the next one).
+    /// Failed commits: refused at once, or an asynchronous one the group does not show
+    /// [`VERIFY_AFTER`] later. Their offsets are sent again with the next commit.
     pub commit_failures: AtomicU64,
     /// Rebalances (assignments and revocations) seen.
     pub rebalances: AtomicU64,
@@ -223,6 +224,9 @@ struct Progress {
     taken: HashMap<(String, i32), i64>,
     durable: HashMap<(String, i32), i64>,
     committed: HashMap<(String, i32), i64>,
+    /// Asynchronous commits not yet seen in the group's committed offsets: the offset sent
+    /// (durable, as in `committed`) and when.
+    unverified: HashMap<(String, i32), (i64, Instant)>,
     failed: Option<String>,
 }
 
@@ -239,6 +243,10 @@ struct Shared {
 }
 
 const MAX_CLIENT_ERRORS: usize = 64;
+/// An asynchronous commit not visible in the group's offsets this long after it was sent is
+/// taken as failed and sent again. librdkafka reports the outcome of an asynchronous commit only
+/// to an offset-commit callback, which its event interface (the one rdkafka uses) never calls.
+const VERIFY_AFTER: Duration = Duration::from_secs(2);
 /// The same error is reported at most once per this interval (the client repeats it at every
 /// reconnection attempt).
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -317,11 +325,21 @@ impl Shared {
         match c.commit(&tpl, mode) {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Relaxed);
+                let now = Instant::now();
                 let mut p = lock(&self.progress);
                 for e in tpl.elements() {
                     if let Offset::Offset(o) = e.offset() {
-                        p.committed
-                            .insert((e.topic().to_string(), e.partition()), o - 1);
+                        let k = (e.topic().to_string(), e.partition());
+                        p.committed.insert(k.clone(), o - 1);
+                        match mode {
+                            // Only queued: its outcome is checked later (see `verify_commits`).
+                            CommitMode::Async => {
+                                p.unverified.insert(k, (o - 1, now));
+                            }
+                            CommitMode::Sync => {
+                                p.unverified.remove(&k);
+                            }
+                        }
                     }
                 }
             }
@@ -329,6 +347,65 @@ impl Shared {
                 self.stats.commit_failures.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "offset commit failed; retried with the next commit");
             }
+        }
+    }
+}
+
+impl Shared {
+    /// Checks asynchronous commits sent at least [`VERIFY_AFTER`] ago against the group's
+    /// committed offsets. One the group does not show (at that offset or beyond) is counted as
+    /// failed and forgotten, so that the next commit sends it again; one for a partition no longer
+    /// assigned is dropped (its revocation committed synchronously, or the group moved it on).
+    fn verify_commits(&self, c: &BaseConsumer<Ctx>) {
+        let due: Vec<((String, i32), i64)> = {
+            let p = lock(&self.progress);
+            p.unverified
+                .iter()
+                .filter(|(_, (_, at))| at.elapsed() >= VERIFY_AFTER)
+                .map(|(k, (o, _))| (k.clone(), *o))
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let assigned = c.assignment().ok();
+        let mut tpl = TopicPartitionList::new();
+        for ((t, part), _) in &due {
+            tpl.add_partition(t, *part);
+        }
+        // Unanswered (coordinator unreachable): try again at the next check.
+        let Ok(group) = c.committed_offsets(tpl, Duration::from_secs(5)) else {
+            return;
+        };
+        let mut failed = Vec::new();
+        let mut p = lock(&self.progress);
+        for (k, sent) in due {
+            // A newer commit was queued meanwhile: it is the one to check.
+            if p.unverified.get(&k).map(|(o, _)| *o) != Some(sent) {
+                continue;
+            }
+            p.unverified.remove(&k);
+            let still_ours = assigned
+                .as_ref()
+                .is_some_and(|a| a.find_partition(&k.0, k.1).is_some());
+            let shown = group
+                .find_partition(&k.0, k.1)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            if still_ours && shown.is_none_or(|g| g < sent + 1) {
+                if p.committed.get(&k) == Some(&sent) {
+                    p.committed.remove(&k);
+                }
+                failed.push((k, sent + 1, shown));
+            }
+        }
+        drop(p);
+        for ((t, part), offset, shown) in failed {
+            self.stats.commit_failures.fetch_add(1, Relaxed);
+            tracing::warn!(topic = %t, partition = part, offset, group_has = ?shown,
+                "an asynchronous offset commit did not reach the group; sent again with the next commit");
         }
     }
 }
@@ -530,17 +607,22 @@ impl Receiver for KafkaReceiver {
                 })
                 .map_err(|e| ReceiverError::context("creating the Kafka consumer", e))?,
         );
-        // Lag needs broker round trips (watermarks): a thread of its own, off the poll path.
+        // Lag and the check of asynchronous commits need broker round trips: a thread of their
+        // own, off the poll path.
         let lag_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lag_thread = {
             let (c, stats, stop) = (consumer.clone(), self.stats.clone(), lag_stop.clone());
+            let shared = shared.clone();
             std::thread::spawn(move || {
                 while !stop.load(Relaxed) {
-                    for _ in 0..50 {
+                    for i in 0..50 {
                         if stop.load(Relaxed) {
                             return;
                         }
                         std::thread::sleep(Duration::from_millis(100));
+                        if i % 10 == 9 {
+                            shared.verify_commits(&c);
+                        }
                     }
                     update_lag(&c, &stats);
                 }

@@ -27,10 +27,13 @@ fn consumer(
             "weir_kafka_bytes_total",
             "Payload bytes consumed from Kafka.",
         ),
-        ("weir_kafka_commits_total", "Offset commits that succeeded."),
+        (
+            "weir_kafka_commits_total",
+            "Offset commits sent (an asynchronous one is checked against the group's offsets afterwards).",
+        ),
         (
             "weir_kafka_commit_failures_total",
-            "Offset commits that failed (retried with the next one).",
+            "Offset commits that failed: refused, or an asynchronous one the group did not show 2 s later (sent again with the next commit).",
         ),
     ];
     for ((name, help), v) in names.into_iter().zip(shared.0) {
