@@ -18,49 +18,7 @@ mod real_flume {
         avro_sink_agent, spark_sink_agent, Dist, FlumeAgent, SeqSource, CHANNEL_COUNTERS,
         SINK_COUNTERS, SOURCE_COUNTERS, SPARK_SINK_ROLLBACK,
     };
-    use weir_testkit::{cargo_bin, free_port, http_get, wait_until, Node};
-
-    /// A test's directory: node data, outputs, configurations and logs. Kept when the test
-    /// panics (and the tail of every `*.log` in it printed); removed otherwise.
-    struct Scratch(Option<tempfile::TempDir>);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            Scratch(Some(
-                tempfile::Builder::new()
-                    .prefix(&format!("weir-real-flume-{name}-"))
-                    .tempdir()
-                    .unwrap(),
-            ))
-        }
-
-        fn path(&self) -> &Path {
-            self.0.as_ref().unwrap().path()
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                let dir = self.0.take().unwrap().keep();
-                for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
-                    if e.path().extension().is_some_and(|x| x == "log") {
-                        let text = fs::read_to_string(e.path()).unwrap_or_default();
-                        let lines: Vec<&str> = text.lines().collect();
-                        eprintln!(
-                            "--- last lines of {}:\n{}",
-                            e.path().display(),
-                            lines[lines.len().saturating_sub(15)..].join("\n")
-                        );
-                    }
-                }
-                eprintln!(
-                    "the test's directory is kept in {} (remove it when done)",
-                    dir.display()
-                );
-            }
-        }
-    }
+    use weir_testkit::{cargo_bin, free_port, http_get, wait_until, Node, Scratch};
 
     /// `receiver-node <command> --config <config>`, its output appended to `log`.
     fn spawn(command: &str, config: &Path, log: &Path) -> Node {
@@ -219,7 +177,7 @@ mod real_flume {
     /// directory; the agent's retries then succeed. Every event must be in the batch files.
     fn agent_pushes_through_node_kills(total: u64, batch: u32, deflate: bool, kills: u64) {
         let t0 = Instant::now();
-        let scratch = Scratch::new(&format!("push-{batch}"));
+        let scratch = Scratch::new(&format!("real-flume-push-{batch}"));
         let dir = scratch.path();
         let (port, mport) = (free_port(), free_port());
         let (config, out) = node_config(
@@ -314,7 +272,7 @@ mod real_flume {
     fn spark_sink_rolls_back_batches_of_a_killed_node_and_loses_nothing() {
         let t0 = Instant::now();
         let (total, kills, tx_timeout, workers, max_batch) = (30_000u64, 2u64, 4, 2u64, 1000u32);
-        let scratch = Scratch::new("spark-sink");
+        let scratch = Scratch::new("real-flume-spark-sink");
         let dir = scratch.path();
         let (port, mport) = (free_port(), free_port());
         let seq = SeqSource {
@@ -413,7 +371,7 @@ mod real_flume {
     fn a_flume_agent_feeds_weirs_pull_sink_through_sink_kills_without_loss() {
         let t0 = Instant::now();
         let (total, kills) = (30_000u64, 2u64);
-        let scratch = Scratch::new("pull-sink");
+        let scratch = Scratch::new("real-flume-pull-sink");
         let dir = scratch.path();
         let (push_port, pull_port, sink_mport, mport) =
             (free_port(), free_port(), free_port(), free_port());

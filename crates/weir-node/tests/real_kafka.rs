@@ -19,12 +19,10 @@ mod real_kafka {
     use std::time::{Duration, Instant};
 
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::error::RDKafkaErrorCode;
-    use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-    use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
     use weir_testkit::peers::kafka::{self, create_topic, read_all, KafkaCluster};
     use weir_testkit::peers::log_lines;
-    use weir_testkit::{cargo_bin, free_port, http_get, wait_until, Node};
+    use weir_testkit::{cargo_bin, free_port, http_get, wait_until, Node, Scratch};
 
     /// One test at a time: a failover's timings mean little when the other test's brokers and
     /// nodes share the 2 cores.
@@ -37,48 +35,6 @@ mod real_kafka {
     fn unique(prefix: &str) -> String {
         static N: AtomicU64 = AtomicU64::new(0);
         format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, SeqCst))
-    }
-
-    /// A test's directory: node data, outputs, configurations and logs. Kept when the test
-    /// panics (and the tail of every `*.log` in it printed); removed otherwise.
-    struct Scratch(Option<tempfile::TempDir>);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            Scratch(Some(
-                tempfile::Builder::new()
-                    .prefix(&format!("weir-real-kafka-{name}-"))
-                    .tempdir()
-                    .unwrap(),
-            ))
-        }
-
-        fn path(&self) -> &Path {
-            self.0.as_ref().unwrap().path()
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                let dir = self.0.take().unwrap().keep();
-                for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
-                    if e.path().extension().is_some_and(|x| x == "log") {
-                        let text = fs::read_to_string(e.path()).unwrap_or_default();
-                        let lines: Vec<&str> = text.lines().collect();
-                        eprintln!(
-                            "--- last lines of {}:\n{}",
-                            e.path().display(),
-                            lines[lines.len().saturating_sub(15)..].join("\n")
-                        );
-                    }
-                }
-                eprintln!(
-                    "the test's directory is kept in {} (remove it when done)",
-                    dir.display()
-                );
-            }
-        }
     }
 
     /// `receiver-node run --config <config>`, its output appended to `log`.
@@ -246,25 +202,6 @@ mod real_kafka {
         seen.values().map(|c| u64::from(*c)).sum::<u64>() - total
     }
 
-    /// Counts failed deliveries.
-    #[derive(Default)]
-    struct Deliveries {
-        failed: AtomicU64,
-        last_error: Mutex<Option<String>>,
-    }
-
-    impl ClientContext for Deliveries {}
-
-    impl ProducerContext for Deliveries {
-        type DeliveryOpaque = ();
-        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-            if let Err((e, _)) = result {
-                self.failed.fetch_add(1, SeqCst);
-                *self.last_error.lock().unwrap() = Some(e.to_string());
-            }
-        }
-    }
-
     /// Produces `m<i>` (key `k<i>`, `acks=all`, idempotent, librdkafka's default retries) with
     /// one producer, in chunks of `chunk` records with `pause` between them, on a thread of its
     /// own until stopped. A chunk counts once every record of it was acknowledged: then exactly
@@ -286,39 +223,12 @@ mod real_kafka {
                     Arc::clone(&slowest_ms),
                 );
                 let topic = topic.to_string();
-                let p: BaseProducer<Deliveries> = ClientConfig::new()
-                    .set("bootstrap.servers", bs)
-                    .set("acks", "all")
-                    .set("enable.idempotence", "true")
-                    .set("linger.ms", "5")
-                    .create_with_context(Deliveries::default())
-                    .expect("a producer");
+                let p = kafka::TestProducer::new(bs);
                 std::thread::spawn(move || {
                     let mut n = 0;
                     while !stop.load(SeqCst) {
                         let t = Instant::now();
-                        for i in n..n + chunk {
-                            let (payload, key) = (format!("m{i}"), format!("k{i}"));
-                            let mut record = BaseRecord::to(&topic).payload(&payload).key(&key);
-                            while let Err((e, r)) = p.send(record) {
-                                assert_eq!(
-                                    e.rdkafka_error_code(),
-                                    Some(RDKafkaErrorCode::QueueFull),
-                                    "producing to {topic}: {e}"
-                                );
-                                p.poll(Duration::from_millis(10));
-                                record = r;
-                            }
-                        }
-                        p.flush(Duration::from_secs(120))
-                            .expect("flushing the producer");
-                        let ctx = p.context();
-                        assert_eq!(
-                            ctx.failed.load(SeqCst),
-                            0,
-                            "deliveries to {topic} failed: {:?}",
-                            ctx.last_error.lock().unwrap()
-                        );
+                        p.produce(&topic, n, n + chunk);
                         slowest.fetch_max(t.elapsed().as_millis() as u64, SeqCst);
                         n += chunk;
                         acked.store(n, SeqCst);
@@ -435,7 +345,7 @@ mod real_kafka {
         let (bs, _logs) = (broker.bootstrap(), broker.logs_on_failure());
         let topic = unique("takeover");
         create_topic(&bs, &topic, 4, 1, &[]);
-        let scratch = Scratch::new("takeover");
+        let scratch = Scratch::new("real-kafka-takeover");
         let dir = scratch.path();
         let receiver = group_receiver(&bs, &format!("{topic}-g"), &topic, true);
         let (a_config, a_out, a_port) = node_config(dir, "a", 1000, &receiver, "");
@@ -678,9 +588,9 @@ mod real_kafka {
         create_topic(&bs, "in", 3, 3, &[]);
         create_topic(&bs, "out", 3, 3, &[]);
         let scratch = Scratch::new(if kill_coordinator {
-            "coordinator"
+            "real-kafka-coordinator"
         } else {
-            "leader"
+            "real-kafka-leader"
         });
         let dir = scratch.path();
         let group = "weir-leader-kill";

@@ -18,6 +18,52 @@ use weir::StreamingContext;
 mod host;
 pub mod peers;
 
+/// A test's directory (`weir-<name>-XXXXXX` in the temporary directory): node data, outputs,
+/// configurations and logs. Removed when the test passes; when it panics, kept (its path
+/// printed) with the last lines of every `*.log` in it printed.
+pub struct Scratch(Option<tempfile::TempDir>);
+
+impl Scratch {
+    /// A new, empty directory.
+    pub fn new(name: &str) -> Scratch {
+        Scratch(Some(
+            tempfile::Builder::new()
+                .prefix(&format!("weir-{name}-"))
+                .tempdir()
+                .expect("creating a temporary directory"),
+        ))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("kept only on drop").path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(dir) = self.0.take().map(tempfile::TempDir::keep) else {
+            return;
+        };
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                eprintln!(
+                    "--- last lines of {}:\n{}",
+                    e.path().display(),
+                    peers::tail(&e.path(), 15)
+                );
+            }
+        }
+        eprintln!(
+            "the test's directory is kept in {} (remove it when done)",
+            dir.display()
+        );
+    }
+}
+
 pub use host::RecordingHost;
 
 /// The workspace root (where `Cargo.toml`, `examples/` and `.venv` are).

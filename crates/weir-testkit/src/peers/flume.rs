@@ -105,15 +105,96 @@ fn seq_into_memory(seq: SeqSource, take_batch: u32) -> String {
 /// `appendBatch`, `compression-type = deflate` when `deflate`.
 pub fn avro_sink_agent(seq: SeqSource, port: u16, batch_size: u32, deflate: bool) -> String {
     format!(
-        "{}{AGENT}.sinks.{SINK}.type = avro\n\
-         {AGENT}.sinks.{SINK}.channel = {CHANNEL}\n\
-         {AGENT}.sinks.{SINK}.hostname = 127.0.0.1\n\
-         {AGENT}.sinks.{SINK}.port = {port}\n\
-         {AGENT}.sinks.{SINK}.batch-size = {batch_size}\n\
-         {AGENT}.sinks.{SINK}.compression-type = {}\n",
+        "{}{}",
         seq_into_memory(seq, batch_size),
+        avro_sink(SINK, port, batch_size, deflate)
+    )
+}
+
+/// The properties of one Avro sink named `name` draining the channel.
+fn avro_sink(name: &str, port: u16, batch_size: u32, deflate: bool) -> String {
+    format!(
+        "{AGENT}.sinks.{name}.type = avro\n\
+         {AGENT}.sinks.{name}.channel = {CHANNEL}\n\
+         {AGENT}.sinks.{name}.hostname = 127.0.0.1\n\
+         {AGENT}.sinks.{name}.port = {port}\n\
+         {AGENT}.sinks.{name}.batch-size = {batch_size}\n\
+         {AGENT}.sinks.{name}.compression-type = {}\n",
         if deflate { "deflate" } else { "none" }
     )
+}
+
+/// What drains a benchmark agent's channel (see [`bench_agent`]).
+#[derive(Debug, Clone, Copy)]
+pub enum BenchSink {
+    /// `sinks` Avro sinks to `127.0.0.1:port`, each its own connection and thread, sending
+    /// `appendBatch` calls of `batch_size` events without compression.
+    Avro {
+        port: u16,
+        sinks: u32,
+        batch_size: u32,
+    },
+    /// Flume's null sink taking `batch_size` events per transaction: what the agent delivers
+    /// when the sink costs nothing.
+    Null { batch_size: u32 },
+}
+
+/// For benchmarks: an endless `seq` source putting `batch_size` events at a time into a memory
+/// channel of 100,000 events, drained by `sink`. The source backs off for at most 10 ms when the
+/// channel is full (Flume's default is up to 5 s, which would make the source the bottleneck).
+/// The sinks' counters are `SINK.out`, `SINK.out1`, ... (see [`sink_names`]).
+pub fn bench_agent(sink: BenchSink) -> String {
+    let (names, sinks, batch_size) = match sink {
+        BenchSink::Avro {
+            port,
+            sinks,
+            batch_size,
+        } => {
+            let names = sink_names(sinks);
+            let props: String = names
+                .iter()
+                .map(|n| avro_sink(n, port, batch_size, false))
+                .collect();
+            (names, props, batch_size)
+        }
+        BenchSink::Null { batch_size } => (
+            sink_names(1),
+            format!(
+                "{AGENT}.sinks.{SINK}.type = null\n\
+                 {AGENT}.sinks.{SINK}.channel = {CHANNEL}\n\
+                 {AGENT}.sinks.{SINK}.batchSize = {batch_size}\n"
+            ),
+            batch_size,
+        ),
+    };
+    let tx = batch_size.max(1000);
+    format!(
+        "{AGENT}.sources = {SOURCE}\n\
+         {AGENT}.channels = {CHANNEL}\n\
+         {AGENT}.sinks = {}\n\
+         {AGENT}.sources.{SOURCE}.type = seq\n\
+         {AGENT}.sources.{SOURCE}.batchSize = {batch_size}\n\
+         {AGENT}.sources.{SOURCE}.backoffSleepIncrement = 1\n\
+         {AGENT}.sources.{SOURCE}.maxBackoffSleep = 10\n\
+         {AGENT}.sources.{SOURCE}.channels = {CHANNEL}\n\
+         {AGENT}.channels.{CHANNEL}.type = memory\n\
+         {AGENT}.channels.{CHANNEL}.capacity = 100000\n\
+         {AGENT}.channels.{CHANNEL}.transactionCapacity = {tx}\n{sinks}",
+        names.join(" ")
+    )
+}
+
+/// The names of `n` sinks in [`bench_agent`]: `out`, `out1`, `out2`, ...
+pub fn sink_names(n: u32) -> Vec<String> {
+    (0..n.max(1))
+        .map(|i| {
+            if i == 0 {
+                SINK.to_string()
+            } else {
+                format!("{SINK}{i}")
+            }
+        })
+        .collect()
 }
 
 /// `seq` source -> memory channel -> Spark's `SparkSink` serving `SparkFlumeProtocol` on
@@ -151,6 +232,13 @@ impl FlumeAgent {
     /// a fresh peer directory, starts the agent, and waits until every source and sink in it has
     /// started and its counters answer.
     pub fn start(dist: Dist, properties: &str) -> FlumeAgent {
+        FlumeAgent::start_with(dist, properties, true)
+    }
+
+    /// [`FlumeAgent::start`], choosing the JIT: `quick_start` stops it at its first tier (the
+    /// agent is up sooner; what tests want), otherwise the JVM compiles fully (what benchmarks
+    /// want).
+    pub fn start_with(dist: Dist, properties: &str, quick_start: bool) -> FlumeAgent {
         let cp = classpath(dist.lib());
         let dir = peer_dir(&format!("flume-{}", dist.lib()));
         let file = dir.join("agent.properties");
@@ -158,12 +246,14 @@ impl FlumeAgent {
         let layout = Layout::parse(properties);
         let log = dir.join("log");
         let monitoring_port = free_port();
-        let jvm_args = vec![
+        let mut jvm_args = vec![
             dist.log_config(),
             "-Dflume.monitoring.type=http".to_string(),
             format!("-Dflume.monitoring.port={monitoring_port}"),
-            "-XX:TieredStopAtLevel=1".to_string(),
         ];
+        if quick_start {
+            jvm_args.push("-XX:TieredStopAtLevel=1".to_string());
+        }
         let args = vec![
             "-n".to_string(),
             layout.agent.clone(),
@@ -447,6 +537,8 @@ impl Layout {
             .map(|(name, ty)| {
                 if ty.ends_with("SparkSink") {
                     format!("Starting Avro server for sink: {name}")
+                } else if ty == "null" {
+                    format!("Null sink {name} started")
                 } else {
                     format!("Component type: SINK, name: {name} started")
                 }

@@ -370,35 +370,54 @@ mod client {
     /// delivered; panics on a failed delivery. Callable from async tests (it does not block on a
     /// runtime).
     pub fn produce(bootstrap: &str, topic: &str, from: u64, to: u64) {
-        let p: BaseProducer<Deliveries> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create_with_context(Deliveries::default())
-            .expect("a producer");
-        for i in from..to {
-            let payload = format!("m{i}");
-            let key = format!("k{i}");
-            loop {
-                match p.send(BaseRecord::to(topic).payload(&payload).key(&key)) {
-                    Ok(()) => break,
-                    Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                        p.poll(Duration::from_millis(10));
-                    }
-                    Err((e, _)) => panic!("producing to {topic}: {e}"),
+        TestProducer::new(bootstrap).produce(topic, from, to);
+    }
+
+    /// One producer (`acks=all`, idempotent, librdkafka's default retries) for several
+    /// [`TestProducer::produce`] calls.
+    pub struct TestProducer(BaseProducer<Deliveries>);
+
+    impl TestProducer {
+        pub fn new(bootstrap: &str) -> TestProducer {
+            TestProducer(
+                ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .set("acks", "all")
+                    .set("enable.idempotence", "true")
+                    .set("linger.ms", "5")
+                    .create_with_context(Deliveries::default())
+                    .expect("a producer"),
+            )
+        }
+
+        /// Sends `m<i>` (key `k<i>`) for `i` in `from..to` and waits until every one is
+        /// acknowledged; panics on a failed delivery.
+        pub fn produce(&self, topic: &str, from: u64, to: u64) {
+            let p = &self.0;
+            for i in from..to {
+                let payload = format!("m{i}");
+                let key = format!("k{i}");
+                let mut record = BaseRecord::to(topic).payload(&payload).key(&key);
+                while let Err((e, r)) = p.send(record) {
+                    assert_eq!(
+                        e.rdkafka_error_code(),
+                        Some(RDKafkaErrorCode::QueueFull),
+                        "producing to {topic}: {e}"
+                    );
+                    p.poll(Duration::from_millis(10));
+                    record = r;
                 }
             }
+            p.flush(Duration::from_secs(120))
+                .expect("flushing the producer");
+            let ctx = p.context();
+            assert_eq!(
+                ctx.failed.load(SeqCst),
+                0,
+                "deliveries to {topic} failed: {:?}",
+                ctx.last_error.lock().unwrap()
+            );
         }
-        p.flush(Duration::from_secs(120))
-            .expect("flushing the producer");
-        let ctx = p.context();
-        assert_eq!(
-            ctx.failed.load(SeqCst),
-            0,
-            "deliveries to {topic} failed: {:?}",
-            ctx.last_error.lock().unwrap()
-        );
     }
 
     /// Every record of `topic` (`read_committed` when `committed_only`), as payload -> count.
