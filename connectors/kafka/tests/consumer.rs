@@ -5,12 +5,11 @@
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use weir_kafka::{KafkaConfig, KafkaReceiver};
 use weir_receiver::{shutdown_channel, Receiver, ReceiverContext};
+use weir_testkit::peers::kafka::committed_offsets;
 use weir_testkit::{wait_until_async, RecordingHost};
 
 #[test]
@@ -35,22 +34,6 @@ fn bad_configurations_name_the_key() {
     assert!(KafkaReceiver::new(c)
         .unwrap_err()
         .contains("enable.auto.commit"));
-}
-
-/// The group's committed offset for partition 0 of `topic`.
-fn committed(bootstrap: &str, group: &str, topic: &str) -> Option<i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, 0);
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
-    match got.find_partition(topic, 0)?.offset() {
-        Offset::Offset(o) => Some(o),
-        _ => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +71,7 @@ async fn an_asynchronous_commit_the_group_refuses_is_counted_and_sent_again() {
     .await;
     // No new records arrive: only a re-sent commit can bring the group to offset 10.
     wait_until_async("the group's offset at 10", Duration::from_secs(30), || {
-        committed(&bs, "g", "events") == Some(10)
+        committed_offsets(&bs, "g", "events", 1) == Some(vec![Some(10)])
     })
     .await;
     assert!(

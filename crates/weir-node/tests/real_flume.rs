@@ -18,7 +18,7 @@ mod real_flume {
         avro_sink_agent, spark_sink_agent, Dist, FlumeAgent, SeqSource, CHANNEL_COUNTERS,
         SINK_COUNTERS, SOURCE_COUNTERS, SPARK_SINK_ROLLBACK,
     };
-    use weir_testkit::{cargo_bin, free_port, http_get, wait_until, Node, Scratch};
+    use weir_testkit::{cargo_bin, free_port, metric, wait_healthy, wait_until, Node, Scratch};
 
     /// `receiver-node <command> --config <config>`, its output appended to `log`.
     fn spawn(command: &str, config: &Path, log: &Path) -> Node {
@@ -43,29 +43,6 @@ mod real_flume {
     /// SIGKILL, and reaped (so that its data directory's lock is free).
     fn kill9(node: Node) {
         drop(node);
-    }
-
-    fn wait_healthy(mport: u16) {
-        wait_until("/health", Duration::from_secs(30), || {
-            http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
-        });
-    }
-
-    /// A metric of `/metrics` on `mport` (the sum of its series), or `None` if absent.
-    fn metric(mport: u16, name: &str) -> Option<u64> {
-        let (_, body) = http_get(mport, "/metrics")?;
-        let mut found = None;
-        for l in body.lines() {
-            let Some(rest) = l.strip_prefix(name) else {
-                continue;
-            };
-            if !(rest.starts_with(' ') || rest.starts_with('{')) {
-                continue;
-            }
-            let v: f64 = rest.rsplit(' ').next()?.parse().ok()?;
-            *found.get_or_insert(0) += v as u64;
-        }
-        found
     }
 
     /// A node configuration: `receiver` (a `[[receiver]]` table's keys), blocks cut every

@@ -19,10 +19,12 @@ mod real_kafka {
     use std::time::{Duration, Instant};
 
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use rdkafka::ClientConfig;
     use weir_testkit::peers::kafka::{self, create_topic, read_all, KafkaCluster};
     use weir_testkit::peers::log_lines;
-    use weir_testkit::{cargo_bin, free_port, http_get, wait_until, Node, Scratch};
+    use weir_testkit::{
+        cargo_bin, free_port, http_get, metric, wait_healthy, wait_until, Node, Scratch,
+    };
 
     /// One test at a time: a failover's timings mean little when the other test's brokers and
     /// nodes share the 2 cores.
@@ -55,29 +57,6 @@ mod real_kafka {
                 .spawn()
                 .expect("starting receiver-node"),
         )
-    }
-
-    fn wait_healthy(mport: u16) {
-        wait_until("/health", Duration::from_secs(30), || {
-            http_get(mport, "/health").is_some_and(|(c, _)| c == 200)
-        });
-    }
-
-    /// A metric of `/metrics` on `mport` (the sum of its series), or `None` if absent.
-    fn metric(mport: u16, name: &str) -> Option<u64> {
-        let (_, body) = http_get(mport, "/metrics")?;
-        let mut found = None;
-        for l in body.lines() {
-            let Some(rest) = l.strip_prefix(name) else {
-                continue;
-            };
-            if !(rest.starts_with(' ') || rest.starts_with('{')) {
-                continue;
-            }
-            let v: f64 = rest.rsplit(' ').next()?.parse().ok()?;
-            *found.get_or_insert(0) += v as u64;
-        }
-        found
     }
 
     /// The partitions a node's Kafka receiver is assigned, as its `weir_kafka_lag` series tell
@@ -287,29 +266,6 @@ mod real_kafka {
             .collect()
     }
 
-    /// `group`'s committed offset of each of `topic`'s `n` partitions (-1: none), or `None`
-    /// if the coordinator did not answer.
-    fn committed(bs: &str, group: &str, topic: &str, n: i32) -> Option<Vec<i64>> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bs)
-            .set("group.id", group)
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..n {
-            tpl.add_partition(topic, p);
-        }
-        let got = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
-        Some(
-            (0..n)
-                .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o,
-                    _ => -1,
-                })
-                .collect(),
-        )
-    }
-
     /// Lines of `log` from line `from` on that contain `needle`.
     fn log_since(log: &Path, from: usize, needle: &str) -> Vec<String> {
         log_lines(log)
@@ -497,7 +453,10 @@ mod real_kafka {
         wait_until(
             "the group's offsets at the end of the topic",
             Duration::from_secs(30),
-            || committed(&bs, &format!("{topic}-g"), &topic, 4).as_ref() == Some(&ends),
+            || {
+                kafka::committed_offsets(&bs, &format!("{topic}-g"), &topic, 4)
+                    == Some(ends.iter().copied().map(Some).collect())
+            },
         );
         wait_healthy(a_port);
         wait_healthy(b_port);
@@ -739,7 +698,10 @@ mod real_kafka {
         wait_until(
             "the group's offsets at the end of `in`",
             Duration::from_secs(30),
-            || committed(&bs, group, "in", 3).as_ref() == Some(&in_ends),
+            || {
+                kafka::committed_offsets(&bs, group, "in", 3)
+                    == Some(in_ends.iter().copied().map(Some).collect())
+            },
         );
 
         // The same process, healthy, its receiver running.

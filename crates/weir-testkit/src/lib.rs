@@ -139,6 +139,31 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Waits (up to 30 s) until a node's `/health` on 127.0.0.1:`port` answers 200.
+pub fn wait_healthy(port: u16) {
+    wait_until("/health", Duration::from_secs(30), || {
+        http_get(port, "/health").is_some_and(|(c, _)| c == 200)
+    });
+}
+
+/// A metric of `/metrics` on 127.0.0.1:`port` (the sum of its series), or `None` if absent or
+/// the request failed.
+pub fn metric(port: u16, name: &str) -> Option<u64> {
+    let (_, body) = http_get(port, "/metrics")?;
+    let mut found = None;
+    for l in body.lines() {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let v: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        *found.get_or_insert(0) += v as u64;
+    }
+    found
+}
+
 /// `GET path` on 127.0.0.1:`port` (one request, `Connection: close`): the status and body, or
 /// `None` if the connection or the response failed.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {

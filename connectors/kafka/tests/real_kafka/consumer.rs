@@ -7,11 +7,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use weir_kafka::{KafkaConfig, KafkaReceiver};
 use weir_receiver::{shutdown_channel, Receiver, ReceiverContext};
-use weir_testkit::peers::kafka::create_topic;
+use weir_testkit::peers::kafka::{committed_offsets, create_topic};
 use weir_testkit::peers::LogsOnFailure;
 use weir_testkit::{wait_until_async, RecordingHost};
 
@@ -39,22 +37,7 @@ fn config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
 
 /// The group's committed offsets for `topic` partitions 0..n (None = nothing committed).
 fn committed(bootstrap: &str, group: &str, topic: &str, n: i32) -> Vec<Option<i64>> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..n {
-        tpl.add_partition(topic, p);
-    }
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    (0..n)
-        .map(|p| match got.find_partition(topic, p).unwrap().offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        })
-        .collect()
+    committed_offsets(bootstrap, group, topic, n).expect("the group coordinator answers")
 }
 
 struct Running {

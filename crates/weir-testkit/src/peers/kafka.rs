@@ -420,6 +420,34 @@ mod client {
         }
     }
 
+    /// `group`'s committed offset of each of `topic`'s partitions `0..n` (`None` where nothing is
+    /// committed), or `None` when the coordinator did not answer within 10 s.
+    pub fn committed_offsets(
+        bootstrap: &str,
+        group: &str,
+        topic: &str,
+        n: i32,
+    ) -> Option<Vec<Option<i64>>> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .create()
+            .expect("a consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..n {
+            tpl.add_partition(topic, p);
+        }
+        let got = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+        Some(
+            (0..n)
+                .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
     /// Every record of `topic` (`read_committed` when `committed_only`), as payload -> count.
     pub fn read_all(bootstrap: &str, topic: &str, committed_only: bool) -> BTreeMap<Vec<u8>, u32> {
         let c: BaseConsumer = ClientConfig::new()
