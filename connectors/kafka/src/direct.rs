@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -89,7 +88,7 @@ impl KafkaDirectSource {
             }
         };
         let base = || {
-            let mut c = ClientConfig::new();
+            let mut c = crate::consumer_defaults();
             for (k, v) in &config.properties {
                 c.set(k, v);
             }

@@ -55,7 +55,10 @@ pub struct KafkaConfig {
     pub topic_regex: Option<String>,
     /// Any librdkafka consumer property (security, SASL, SSL, fetch sizes, ...), passed through.
     /// `enable.auto.commit`, `enable.auto.offset.store`, `group.id` and `bootstrap.servers` are
-    /// set by weir and refused here.
+    /// set by weir and refused here. weir's own defaults, which these override:
+    /// `fetch.queue.backoff.ms = 10` (librdkafka's 1000 ms stalls a consumer that fell behind;
+    /// the README's Kafka benchmark says why), and in group mode
+    /// `partition.assignment.strategy = cooperative-sticky`, `auto.offset.reset = earliest`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// At most this many records per `store()` call. Default 10000.
@@ -572,7 +575,7 @@ impl KafkaReceiver {
     }
 
     fn client_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
+        let mut c = consumer_defaults();
         c.set("partition.assignment.strategy", "cooperative-sticky")
             .set("auto.offset.reset", "earliest");
         for (k, v) in &self.config.properties {
@@ -584,6 +587,22 @@ impl KafkaReceiver {
             .set("enable.auto.offset.store", "false");
         c
     }
+}
+
+/// The consumer properties weir sets unless `properties` does (both modes).
+///
+/// `fetch.queue.backoff.ms` = 10 (librdkafka's default is 1000). librdkafka stops fetching a
+/// partition for that long once the local queue holds `queued.min.messages` (100,000), and with
+/// a consumer group it counts the whole consumer's queue, not the partition's. One fetch from a
+/// consumer behind on 16 partitions brings about 16 × 1 MiB, over 100,000 small records, so every
+/// partition then waits a full second after every fetch: a consumer that once fell behind stayed
+/// at about 150,000 records/s however fast it could store them (more than half of the
+/// benchmark rounds at 600,000 records/s on a real broker). The queue stays bounded by
+/// `queued.max.messages.kbytes`; only the wait before looking again is shorter.
+pub(crate) fn consumer_defaults() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("fetch.queue.backoff.ms", "10");
+    c
 }
 
 /// What the poll thread hands the acknowledging task: a store and the offsets it covers.
@@ -830,3 +849,20 @@ pub mod output;
 pub use output::{
     BatchDelivery, KafkaOutput, KafkaOutputConfig, KafkaOutputError, KafkaOutputStats,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fetch_queue_backoff_is_short_unless_the_user_sets_it() {
+        let mut config = KafkaConfig::new("127.0.0.1:9", "g", &["t"]);
+        let c = KafkaReceiver::new(config.clone()).unwrap().client_config();
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("10"));
+        config
+            .properties
+            .insert("fetch.queue.backoff.ms".into(), "250".into());
+        let c = KafkaReceiver::new(config).unwrap().client_config();
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("250"));
+    }
+}

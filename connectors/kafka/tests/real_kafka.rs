@@ -10,6 +10,7 @@ mod real_kafka {
 
     use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
+    use weir_kafka::KafkaConfig;
     use weir_testkit::peers::kafka::{self, KafkaCluster};
     use weir_testkit::peers::LogsOnFailure;
 
@@ -18,6 +19,18 @@ mod real_kafka {
     pub fn broker() -> (&'static KafkaCluster, String, LogsOnFailure) {
         let k = kafka::shared();
         (k, k.bootstrap(), k.logs_on_failure())
+    }
+
+    /// A reliable consumer of `topic` in `group` that commits every 100 ms and notices a lost
+    /// member within 6 s.
+    pub fn config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
+        let mut c = KafkaConfig::new(bootstrap, group, &[topic]);
+        c.commit_interval_ms = 100;
+        c.properties
+            .insert("session.timeout.ms".into(), "6000".into());
+        c.properties
+            .insert("heartbeat.interval.ms".into(), "300".into());
+        c
     }
 
     /// A topic name no other test of this binary uses.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -349,15 +349,8 @@ fn receiver_node_sink_survives_kill_9() {
     )
     .unwrap();
     let node = env!("CARGO_BIN_EXE_receiver-node");
-    let spawn = || {
-        Command::new(node)
-            .args(["sink", "--config"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    // Killed and reaped when dropped, should an assertion fail.
+    let spawn = || weir_testkit::Node::start("sink", &file, None);
     let up = |p: u16| {
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
@@ -365,7 +358,7 @@ fn receiver_node_sink_survives_kill_9() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    let mut child = spawn();
+    let child = spawn();
     up(push_port);
     up(pull_port);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -374,7 +367,8 @@ fn receiver_node_sink_survives_kill_9() {
         .unwrap();
     rt.block_on(push(push_port, 3, 10, "k"));
     // The sink's own /metrics and /health, as a node has.
-    let (code, metrics) = http_get(mport, "/metrics");
+    weir_testkit::wait_healthy(mport);
+    let (code, metrics) = weir_testkit::http_get(mport, "/metrics").expect("GET /metrics");
     assert_eq!(code, 200, "{metrics}");
     for want in [
         "weir_sink_events_accepted_total 30",
@@ -385,9 +379,11 @@ fn receiver_node_sink_survives_kill_9() {
     ] {
         assert!(metrics.contains(want), "{want} not in {metrics}");
     }
-    assert_eq!(http_get(mport, "/health"), (200, "ok\n".to_string()));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    assert_eq!(
+        weir_testkit::http_get(mport, "/health"),
+        Some((200, "ok\n".to_string()))
+    );
+    drop(child); // SIGKILL
     let mut child = spawn();
     up(pull_port);
     let args: Vec<String> = [
@@ -417,36 +413,7 @@ fn receiver_node_sink_survives_kill_9() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tx_timeout"));
-    sigterm(&mut child);
-}
-
-/// `GET path` on 127.0.0.1:`port`: status and body (waiting up to 20 s for the listener).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut got = None;
-    weir_testkit::wait_until(
-        &format!("GET {path} on {port}"),
-        Duration::from_secs(20),
-        || {
-            got = weir_testkit::http_get(port, path);
-            got.is_some()
-        },
-    );
-    got.expect("a response")
-}
-
-/// Stops the sink with SIGTERM (via `kill`, no unsafe code) and expects exit 0.
-fn sigterm(child: &mut std::process::Child) {
-    weir_testkit::sigterm(child);
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "{s}");
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    weir_testkit::sigterm(&child.0);
+    let status = child.wait_exit(Duration::from_secs(20), "no exit after SIGTERM");
+    assert!(status.success(), "{status}");
 }

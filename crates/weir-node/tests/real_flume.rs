@@ -9,35 +9,20 @@
 
 mod real_flume {
     use std::collections::BTreeMap;
-    use std::fs::{self, OpenOptions};
+    use std::fs::{self};
     use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
+
     use std::time::{Duration, Instant};
 
     use weir_testkit::peers::flume::{
         avro_sink_agent, spark_sink_agent, Dist, FlumeAgent, SeqSource, CHANNEL_COUNTERS,
         SINK_COUNTERS, SOURCE_COUNTERS, SPARK_SINK_ROLLBACK,
     };
-    use weir_testkit::{cargo_bin, free_port, metric, wait_healthy, wait_until, Node, Scratch};
+    use weir_testkit::{free_port, metric, wait_healthy, wait_until, Node, Scratch};
 
     /// `receiver-node <command> --config <config>`, its output appended to `log`.
     fn spawn(command: &str, config: &Path, log: &Path) -> Node {
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let err = out.try_clone().unwrap();
-        Node(
-            Command::new(cargo_bin("receiver-node"))
-                .args([command, "--config"])
-                .arg(config)
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .expect("starting receiver-node"),
-        )
+        Node::start(command, config, Some(log))
     }
 
     /// SIGKILL, and reaped (so that its data directory's lock is free).

@@ -10,9 +10,9 @@
 
 mod real_kafka {
     use std::collections::{BTreeMap, BTreeSet};
-    use std::fs::{self, OpenOptions};
+    use std::fs::{self};
     use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
+
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
     use std::sync::{Arc, Mutex, MutexGuard};
     use std::thread::JoinHandle;
@@ -22,9 +22,7 @@ mod real_kafka {
     use rdkafka::ClientConfig;
     use weir_testkit::peers::kafka::{self, create_topic, read_all, KafkaCluster};
     use weir_testkit::peers::log_lines;
-    use weir_testkit::{
-        cargo_bin, free_port, http_get, metric, wait_healthy, wait_until, Node, Scratch,
-    };
+    use weir_testkit::{free_port, http_get, metric, wait_healthy, wait_until, Node, Scratch};
 
     /// One test at a time: a failover's timings mean little when the other test's brokers and
     /// nodes share the 2 cores.
@@ -41,22 +39,7 @@ mod real_kafka {
 
     /// `receiver-node run --config <config>`, its output appended to `log`.
     fn spawn(config: &Path, log: &Path) -> Node {
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let err = out.try_clone().unwrap();
-        Node(
-            Command::new(cargo_bin("receiver-node"))
-                .args(["run", "--config"])
-                .arg(config)
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .expect("starting receiver-node"),
-        )
+        Node::start("run", config, Some(log))
     }
 
     /// The partitions a node's Kafka receiver is assigned, as its `weir_kafka_lag` series tell

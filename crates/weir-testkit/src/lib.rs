@@ -196,12 +196,31 @@ pub struct Node(pub Child);
 impl Node {
     /// Starts `receiver-node run --config config` with its output discarded.
     pub fn spawn(config: &Path) -> Node {
+        Node::start("run", config, None)
+    }
+
+    /// Starts `receiver-node <command> --config config` (`run` or `sink`), its output appended
+    /// to `log`, or discarded.
+    pub fn start(command: &str, config: &Path, log: Option<&Path>) -> Node {
+        let (out, err) = match log {
+            Some(log) => {
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .expect("opening the node's log");
+                let err = out.try_clone().expect("cloning the log's handle");
+                (Stdio::from(out), Stdio::from(err))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
         Node(
             Command::new(cargo_bin("receiver-node"))
-                .args(["run", "--config"])
+                .args([command, "--config"])
                 .arg(config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
                 .spawn()
                 .expect("starting receiver-node"),
         )

@@ -13,8 +13,12 @@
 //! committed once durable). The producer starts once both have their partitions. Printed per
 //! round (each on a fresh cluster): records/s produced, consumed by the plain loop, and into
 //! completed weir batches (counted over whole batches), weir/plain, and how far each consumer
-//! is behind the producer at the end; then the median ratio. `--only plain|weir` runs one
-//! consumer alone.
+//! is behind the producer at the end; then the median ratio. Also per round: each second of the
+//! measured window, how far each consumer is behind, weir's bytes waiting to be durable and its
+//! `store()` calls that waited for `max_pending_bytes`; weir's lag per partition; and this
+//! process's CPU (producer, consumers and weir; the broker is another process).
+//! `--only plain|weir` runs one consumer alone; `--property K=V` (repeatable) passes a
+//! librdkafka property to weir's consumer; `--max-pending-mib M` sets `max_pending_bytes`.
 //!
 //! `--real` runs the same rounds against a real Apache Kafka 4.1 broker (KRaft, started from
 //! `interop/` by `weir_testkit::peers::kafka`, heap 384 MiB; needs Java 17 and Maven), each round
@@ -36,6 +40,8 @@ use rdkafka::ClientConfig;
 use weir::{StreamingConfig, StreamingContext};
 use weir_kafka::{KafkaConfig, KafkaReceiver};
 
+mod common;
+
 /// Partitions of the topic. The mock broker keeps at most 5 MiB or 100,000 records per
 /// partition and answers each fetch with one produced batch per partition, so more partitions
 /// (and larger producer batches) give both consumers room to catch up.
@@ -49,6 +55,7 @@ fn main() {
     let mut only: Option<String> = None;
     let mut real = false;
     let mut bootstrap: Option<String> = None;
+    let mut tuning = Tuning::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -74,9 +81,21 @@ fn main() {
             "--only" => only = args.next(),
             "--real" => real = true,
             "--bootstrap" => bootstrap = args.next(),
+            "--max-pending-mib" => {
+                tuning.pending_mib = Some(
+                    args.next()
+                        .and_then(|s| s.parse().ok())
+                        .expect("--max-pending-mib MIB"),
+                )
+            }
+            "--property" => {
+                let kv = args.next().unwrap_or_default();
+                let (k, v) = kv.split_once('=').expect("--property KEY=VALUE");
+                tuning.properties.push((k.to_string(), v.to_string()));
+            }
             "--bench" => {}
             other => {
-                eprintln!("unknown argument {other}; usage: kafka [--secs S] [--warmup S] [--rate R] [--rounds N] [--only plain|weir] [--real | --bootstrap HOST:PORT]");
+                eprintln!("unknown argument {other}; usage: kafka [--secs S] [--warmup S] [--rate R] [--rounds N] [--only plain|weir] [--max-pending-mib M] [--property K=V].. [--real | --bootstrap HOST:PORT]");
                 std::process::exit(2);
             }
         }
@@ -96,7 +115,15 @@ fn main() {
     );
     let mut rows = Vec::new();
     for r in 0..rounds {
-        let (p, c, w, f) = round(rate, secs, warmup, only.as_deref(), bootstrap.as_deref(), r);
+        let (p, c, w, f) = round(
+            rate,
+            secs,
+            warmup,
+            only.as_deref(),
+            bootstrap.as_deref(),
+            &tuning,
+            r,
+        );
         println!(
             "round {}: produced {p:.0}/s, plain consumer {c:.0}/s, weir into durable batches {w:.0}/s ({f:.0} fsyncs/s), weir/plain {:.2}",
             r + 1,
@@ -111,6 +138,13 @@ fn main() {
     );
 }
 
+/// What `--max-pending-mib` and `--property` change in weir.
+#[derive(Default)]
+struct Tuning {
+    pending_mib: Option<u64>,
+    properties: Vec<(String, String)>,
+}
+
 /// One round: a fresh mock cluster (or a new topic on a real one), producer, plain consumer and
 /// weir engine.
 fn round(
@@ -119,6 +153,7 @@ fn round(
     warmup: f64,
     only: Option<&str>,
     real: Option<&str>,
+    tuning: &Tuning,
     n: usize,
 ) -> (f64, f64, f64, f64) {
     let mut _cluster = None;
@@ -227,10 +262,17 @@ fn round(
     let dir = tempfile::tempdir().expect("temp dir");
     let read_back = Arc::new(AtomicU64::new(0));
     let (produced_rate, plain_rate, weir_rate, fsyncs) = rt.block_on(async {
-        let mut ctx = StreamingContext::new(StreamingConfig::default(), dir.path());
+        let mut config = StreamingConfig::default();
+        if let Some(m) = tuning.pending_mib {
+            config.max_pending_bytes = m << 20;
+        }
+        let mut ctx = StreamingContext::new(config, dir.path());
         let mut kc = KafkaConfig::new(&bs, &format!("{topic}-weir"), &[topic.as_str()]);
         kc.properties
             .insert("auto.offset.reset".into(), "earliest".into());
+        for (k, v) in &tuning.properties {
+            kc.properties.insert(k.clone(), v.clone());
+        }
         let receiver = KafkaReceiver::new(kc).expect("config");
         let kstats = receiver.stats();
         if !skip_weir {
@@ -266,9 +308,29 @@ fn round(
             plain.load(Relaxed),
             m.wal().snapshot().fsyncs,
         );
+        let ticks = common::clock_ticks();
+        let cpu0 = common::process_cpu_secs(ticks);
         let t0 = Instant::now();
         let (w0, tw0) = after_batch().await;
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        // Once a second: how far each consumer is behind, and whether weir's store() waited.
+        let rm = m.engine().receiver("kafka");
+        let until = Instant::now() + Duration::from_secs_f64(secs);
+        let mut trace = Vec::new();
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_secs(1).min(until - Instant::now())).await;
+            let p = produced.load(Relaxed) as i64;
+            trace.push(format!(
+                "{}k/{}k/{}MiB/{}",
+                (p - plain.load(Relaxed) as i64) / 1000,
+                (p - kstats.records.load(Relaxed) as i64) / 1000,
+                rm.pending_bytes() >> 20,
+                rm.backpressure_waits()
+            ));
+        }
+        eprintln!(
+            "  each second, behind (plain/weir), weir pending, weir store() waits: {}",
+            trace.join(" ")
+        );
         let (w1, tw1) = after_batch().await;
         let ws = (tw1 - tw0).as_secs_f64();
         eprintln!(
@@ -284,6 +346,25 @@ fn round(
             m.wal().snapshot().fsyncs,
         );
         let s = t0.elapsed().as_secs_f64();
+        let cpu = common::process_cpu_secs(ticks) - cpu0;
+        let consumed = (c1 - c0) + (w1 - w0);
+        eprintln!(
+            "  this process (producer, consumers, weir): {:.2} cores, {:.2} µs CPU per record produced or consumed",
+            cpu / s,
+            cpu * 1e6 / ((p1 - p0) + consumed).max(1) as f64
+        );
+        let lag: Vec<String> = kstats
+            .lag
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|((_, p), l)| format!("{p}:{}k", l / 1000))
+            .collect();
+        eprintln!(
+            "  weir lag per assigned partition ({}): {}",
+            lag.len(),
+            lag.join(" ")
+        );
         eprintln!(
             "  behind the producer at the end: plain {} records, weir {} records",
             p1 as i64 - plain.load(Relaxed) as i64,

@@ -7,11 +7,13 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
-use weir_kafka::{KafkaConfig, KafkaReceiver};
+use weir_kafka::KafkaReceiver;
 use weir_receiver::{shutdown_channel, Receiver, ReceiverContext};
 use weir_testkit::peers::kafka::{committed_offsets, create_topic};
 use weir_testkit::peers::LogsOnFailure;
 use weir_testkit::{wait_until_async, RecordingHost};
+
+use super::config;
 
 /// A new topic of `partitions` partitions on the shared broker; its name and the bootstrap.
 fn topic(prefix: &str, partitions: i32) -> (String, String, LogsOnFailure) {
@@ -23,16 +25,6 @@ fn topic(prefix: &str, partitions: i32) -> (String, String, LogsOnFailure) {
 
 fn produce(bootstrap: &str, topic: &str, from: u32, to: u32) {
     weir_testkit::peers::kafka::produce(bootstrap, topic, from.into(), to.into());
-}
-
-fn config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
-    let mut c = KafkaConfig::new(bootstrap, group, &[topic]);
-    c.commit_interval_ms = 100;
-    c.properties
-        .insert("session.timeout.ms".into(), "6000".into());
-    c.properties
-        .insert("heartbeat.interval.ms".into(), "300".into());
-    c
 }
 
 /// The group's committed offsets for `topic` partitions 0..n (None = nothing committed).

@@ -31,10 +31,7 @@ async fn first_errors(config: KafkaConfig, want: impl Fn(&str) -> bool) -> Vec<S
 }
 
 fn config(bootstrap: &str, topic: &str) -> KafkaConfig {
-    let mut c = KafkaConfig::new(bootstrap, &format!("{topic}-g"), &[topic]);
-    c.properties
-        .insert("session.timeout.ms".into(), "6000".into());
-    c
+    super::config(bootstrap, &format!("{topic}-g"), topic)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
