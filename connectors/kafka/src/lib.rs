@@ -491,6 +491,7 @@ impl ConsumerContext for Ctx {
                 // Wait until everything taken from the revoked partitions is durable.
                 let deadline = Instant::now() + s.revoke_timeout;
                 let mut p = lock(&s.progress);
+                let mut in_time = true;
                 loop {
                     let pending = revoked.iter().any(|k| {
                         p.taken
@@ -503,6 +504,7 @@ impl ConsumerContext for Ctx {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         tracing::warn!(?revoked, "revoked partitions not durable in time: their offsets stay uncommitted (redelivered)");
+                        in_time = false;
                         break;
                     }
                     p = s
@@ -511,8 +513,10 @@ impl ConsumerContext for Ctx {
                         .map(|(g, _)| g)
                         .unwrap_or_else(|e| e.into_inner().0);
                 }
+                let failed = p.failed.is_some();
                 drop(p);
-                if !c.assignment_lost() {
+                let lost = c.assignment_lost();
+                if !lost {
                     s.commit(c, Some(tpl), CommitMode::Sync);
                 }
                 {
@@ -529,10 +533,24 @@ impl ConsumerContext for Ctx {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "unassigning partitions failed");
                 }
-                tracing::info!(
-                    ?revoked,
-                    "partitions revoked after their records were made durable"
-                );
+                if lost {
+                    tracing::warn!(
+                        ?revoked,
+                        "partitions lost (the group gave them to another member, e.g. after a \
+                         session timeout): offsets not committed, so the new owner may receive \
+                         again what this node already stored (at-least-once)"
+                    );
+                } else if in_time && !failed {
+                    tracing::info!(
+                        ?revoked,
+                        "partitions revoked after their records were made durable"
+                    );
+                } else {
+                    tracing::info!(
+                        ?revoked,
+                        "partitions revoked; only durable offsets committed"
+                    );
+                }
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
