@@ -2,73 +2,25 @@
 //! failed delivery is an error; a retry after the fault clears succeeds. Delivery of keys and
 //! headers runs against the real broker (`tests/real_kafka/output.rs`).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use weir_kafka::{KafkaOutput, KafkaOutputConfig, KafkaOutputError};
 use weir_receiver::Record;
+use weir_testkit::peers::kafka::read_all;
 
-/// What a consumer read back: payload -> (key, headers).
-type Seen = BTreeMap<String, (Option<String>, Vec<(String, String)>)>;
-
-/// Reads `topic` (partitions 0..n) from the beginning until `want` records or 20 s.
-fn consume(bootstrap: &str, topic: &str, partitions: i32, want: usize) -> (Seen, usize) {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let mut seen = Seen::new();
-    let mut total = 0;
-    let t0 = Instant::now();
-    while total < want && t0.elapsed() < Duration::from_secs(20) {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            total += 1;
-            let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), text(h.value).unwrap()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            seen.insert(text(m.payload()).unwrap(), (text(m.key()), headers));
-        }
-    }
-    (seen, total)
-}
-
+/// Records with payloads `<prefix>0`, `<prefix>1`, ...
 fn records(prefix: &str, n: usize) -> Vec<Record> {
     (0..n)
-        .map(|i| {
-            let r = Record::new(format!("{prefix}{i}"));
-            // Every third record has no key; every record has headers, some two.
-            let r = if i % 3 == 0 {
-                r
-            } else {
-                r.with_key(format!("k{i}"))
-            };
-            let r = r.with_header("n", i.to_string());
-            if i % 2 == 0 {
-                r.with_header("even", "yes")
-            } else {
-                r
-            }
-        })
+        .map(|i| Record::new(format!("{prefix}{i}")))
         .collect()
+}
+
+/// Whether `topic` holds every payload `<prefix>0..n`.
+fn holds(bootstrap: &str, topic: &str, prefix: &str, n: usize) -> bool {
+    let seen = read_all(bootstrap, topic, false);
+    (0..n).all(|i| seen.contains_key(format!("{prefix}{i}").as_bytes()))
 }
 
 #[test]
@@ -129,10 +81,7 @@ fn a_broker_that_is_down_fails_the_batch_within_the_timeout_and_a_retry_succeeds
         }
     };
     assert_eq!(delivered, 20);
-    let (seen, _) = consume(&bs, "out", 2, 30);
-    for i in 0..20 {
-        assert!(seen.contains_key(&format!("during-{i}")), "during-{i}");
-    }
+    assert!(holds(&bs, "out", "during-", 20));
 }
 
 #[test]
@@ -172,8 +121,7 @@ fn a_produce_error_from_the_broker_fails_the_batch_and_a_retry_succeeds() {
             Err(e) => assert!(t0.elapsed() < Duration::from_secs(20), "no recovery: {e}"),
         }
     }
-    let (seen, _) = consume(&bs, "out", 1, 8);
-    assert!((0..3).all(|i| seen.contains_key(&format!("refused-{i}"))));
+    assert!(holds(&bs, "out", "refused-", 3));
 }
 
 #[test]

@@ -4,55 +4,32 @@
 
 use std::collections::BTreeMap;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use std::time::{Duration, Instant};
 use weir_kafka::{KafkaOutput, KafkaOutputConfig};
 use weir_receiver::Record;
-use weir_testkit::peers::kafka::create_topic;
+use weir_testkit::peers::kafka::{create_topic, read_each};
 
 /// What a consumer read back: payload -> (key, headers).
 type Seen = BTreeMap<String, (Option<String>, Vec<(String, String)>)>;
 
-fn consume(bootstrap: &str, topic: &str, partitions: i32, want: usize) -> (Seen, usize) {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
+/// Every record of `topic` up to its end, and how many there were (more than the map holds if
+/// a payload came twice).
+fn consume(bootstrap: &str, topic: &str) -> (Seen, usize) {
     let mut seen = Seen::new();
     let mut total = 0;
-    let t0 = Instant::now();
-    // Past `want`, keep reading a moment: a duplicate would arrive then.
-    let mut done_at: Option<Instant> = None;
-    while t0.elapsed() < Duration::from_secs(30)
-        && done_at.is_none_or(|d| d.elapsed() < Duration::from_secs(1))
-    {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            total += 1;
-            let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), text(h.value).unwrap()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            seen.insert(text(m.payload()).unwrap(), (text(m.key()), headers));
-        }
-        if total >= want && done_at.is_none() {
-            done_at = Some(Instant::now());
-        }
-    }
+    read_each(bootstrap, topic, false, |m| {
+        total += 1;
+        let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), text(h.value).unwrap()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        seen.insert(text(m.payload()).unwrap(), (text(m.key()), headers));
+    });
     (seen, total)
 }
 
@@ -93,7 +70,7 @@ fn every_record_of_a_batch_arrives_once_with_its_key_and_headers() {
     );
     assert_eq!(stats.batches_failed, 0);
 
-    let (seen, total) = consume(&bs, &topic, 3, 5050);
+    let (seen, total) = consume(&bs, &topic);
     assert_eq!(total, 5050, "every record exactly once");
     assert_eq!(seen.len(), 5050);
     for (i, r) in batch.iter().enumerate() {

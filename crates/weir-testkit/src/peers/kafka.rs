@@ -450,6 +450,22 @@ mod client {
 
     /// Every record of `topic` (`read_committed` when `committed_only`), as payload -> count.
     pub fn read_all(bootstrap: &str, topic: &str, committed_only: bool) -> BTreeMap<Vec<u8>, u32> {
+        let mut out = BTreeMap::new();
+        read_each(bootstrap, topic, committed_only, |m| {
+            *out.entry(m.payload().unwrap_or_default().to_vec())
+                .or_insert(0) += 1;
+        });
+        out
+    }
+
+    /// Calls `f` with every record of `topic` from the beginning of each partition to its high
+    /// watermark as it was when the call began (`read_committed` when `committed_only`).
+    pub fn read_each(
+        bootstrap: &str,
+        topic: &str,
+        committed_only: bool,
+        mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+    ) {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "weir-testkit-reader")
@@ -479,7 +495,6 @@ mod client {
                 .unwrap();
         }
         c.assign(&tpl).unwrap();
-        let mut out = BTreeMap::new();
         let mut pos: BTreeMap<i32, i64> = BTreeMap::new();
         let t0 = std::time::Instant::now();
         let done = |pos: &BTreeMap<i32, i64>, c: &BaseConsumer| {
@@ -505,10 +520,8 @@ mod client {
             if let Some(m) = c.poll(Duration::from_millis(200)) {
                 let m = m.expect("a record");
                 pos.insert(m.partition(), m.offset());
-                *out.entry(m.payload().unwrap_or_default().to_vec())
-                    .or_insert(0) += 1;
+                f(&m);
             }
         }
-        out
     }
 }
