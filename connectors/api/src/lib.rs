@@ -294,6 +294,12 @@ pub trait ReceiverHost: Send + Sync + 'static {
     fn report_error(&self, message: &str);
     /// The receiver's durable checkpoint (see [`Checkpoint`]).
     fn checkpoint(&self) -> Checkpoint;
+    /// The highest position per (stream, partition) among the receiver's records in batches
+    /// that completed every job and output, in this run (see [`ReceiverContext::completed`]).
+    /// A host without batches completes nothing: the default is empty.
+    fn completed(&self) -> Checkpoint {
+        Checkpoint::new()
+    }
 }
 
 /// Creates a shutdown signal and the trigger that fires it.
@@ -403,6 +409,16 @@ impl ReceiverContext {
     /// including blocks written before a restart.
     pub fn checkpoint(&self) -> Checkpoint {
         self.host.checkpoint()
+    }
+
+    /// The highest position per (stream, partition) among this receiver's records that are in
+    /// batches which completed every job and output: what a source may forget (e.g. commit) when
+    /// it must not rely on this node's disk. Starts empty at each start of the engine and grows
+    /// as batches complete; batches re-run after a restart add nothing until a batch allocated
+    /// in this run completes, which covers them (batches complete in order and each block
+    /// carries the receiver's whole checkpoint).
+    pub fn completed(&self) -> Checkpoint {
+        self.host.completed()
     }
 
     /// The shutdown signal.

@@ -74,6 +74,16 @@ pub struct KafkaConfig {
     /// Default 30000. If it passes, their offsets are not committed (they are redelivered).
     #[serde(default = "default_revoke_timeout_ms")]
     pub revoke_timeout_ms: u64,
+    /// Group mode: when an offset is committed to the group. `durable` (default): once the
+    /// records are durable in this node's WAL. `after_batch`: only once the batch holding them
+    /// has completed every job and output, so that Kafka itself is the replica and the WAL only
+    /// a cache: a node whose disk is lost loses nothing, and a node on a new machine (an empty
+    /// data directory, the same `group_id`) reads again from Kafka everything that was not yet
+    /// in a completed batch. The price is at-least-once across nodes: records durable on a
+    /// node but not yet in a completed batch are read again by whoever consumes the partition
+    /// next (after a revocation, a crash or a lost disk), so outputs may see them twice.
+    #[serde(default)]
+    pub commit: KafkaCommit,
     /// `group` (default): the reliable consumer-group member, records stored in the WAL.
     /// `direct`: Spark's direct approach (see [`KafkaDirectSource`]); nothing goes through the
     /// WAL, each batch records offset ranges and reads them from Kafka.
@@ -90,6 +100,17 @@ pub struct KafkaConfig {
     /// progress, ms. Default 30000.
     #[serde(default = "default_read_timeout_ms")]
     pub read_timeout_ms: u64,
+}
+
+/// When a group-mode receiver commits offsets (see [`KafkaConfig::commit`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaCommit {
+    /// Once the records are durable in the WAL.
+    #[default]
+    Durable,
+    /// Once the batch holding the records has completed every job and output.
+    AfterBatch,
 }
 
 /// How a Kafka receiver consumes.
@@ -146,6 +167,7 @@ impl KafkaConfig {
             max_in_flight: default_max_in_flight(),
             commit_interval_ms: default_commit_interval_ms(),
             revoke_timeout_ms: default_revoke_timeout_ms(),
+            commit: KafkaCommit::Durable,
             mode: KafkaMode::Group,
             max_records_per_partition: default_max_records_per_partition(),
             commit_offsets: true,
@@ -189,6 +211,13 @@ impl KafkaConfig {
             return Err("commit_interval_ms must be at least 1".into());
         }
         if self.mode == KafkaMode::Direct {
+            if self.commit != KafkaCommit::Durable {
+                return Err(
+                    "commit applies to group mode: direct mode commits each completed \
+                            batch's ranges (commit_offsets) and resumes from its tracker"
+                        .into(),
+                );
+            }
             if self.topic_regex.is_some() {
                 return Err("topic_regex is not supported in direct mode: list the topics".into());
             }
@@ -226,6 +255,10 @@ pub struct KafkaStats {
 struct Progress {
     taken: HashMap<(String, i32), i64>,
     durable: HashMap<(String, i32), i64>,
+    /// `commit = "after_batch"`: the highest offset per partition in a completed batch.
+    completed: HashMap<(String, i32), i64>,
+    /// The last offset known committed per partition (ours, or the group's when the partition
+    /// was assigned): commits only move forward from here.
     committed: HashMap<(String, i32), i64>,
     /// Asynchronous commits not yet seen in the group's committed offsets: the offset sent
     /// (durable, as in `committed`) and when.
@@ -240,6 +273,8 @@ struct Shared {
     checkpoint: Mutex<Checkpoint>,
     stats: Arc<KafkaStats>,
     revoke_timeout: Duration,
+    /// `commit = "after_batch"`: commit `Progress::completed`, not `Progress::durable`.
+    after_batch: bool,
     /// librdkafka's client-level errors since the poll loop last reported them (at most
     /// [`MAX_CLIENT_ERRORS`]).
     client_errors: Mutex<Vec<String>>,
@@ -305,19 +340,32 @@ fn describe_poll_error(e: &KafkaError, config: &KafkaConfig) -> String {
 }
 
 impl Shared {
-    /// Commits `durable + 1` for the given partitions (all, if `None`) that moved since the last
-    /// commit.
+    /// Commits `durable + 1` (with `commit = "after_batch"`: `completed + 1`) for the given
+    /// partitions (all, if `None`) that are assigned and moved beyond the last known commit.
     fn commit(&self, c: &BaseConsumer<Ctx>, only: Option<&TopicPartitionList>, mode: CommitMode) {
         let mut tpl = TopicPartitionList::new();
         {
+            let assigned = c.assignment().ok();
             let p = lock(&self.progress);
-            for ((t, part), off) in &p.durable {
+            let source = if self.after_batch {
+                &p.completed
+            } else {
+                &p.durable
+            };
+            for ((t, part), off) in source {
                 if let Some(only) = only {
                     if only.find_partition(t, *part).is_none() {
                         continue;
                     }
                 }
-                if p.committed.get(&(t.clone(), *part)) != Some(off) {
+                // A partition revoked meanwhile belongs to another member now.
+                if assigned
+                    .as_ref()
+                    .is_some_and(|a| a.find_partition(t, *part).is_none())
+                {
+                    continue;
+                }
+                if p.committed.get(&(t.clone(), *part)).is_none_or(|c| off > c) {
                     let _ = tpl.add_partition_offset(t, *part, Offset::Offset(off + 1));
                 }
             }
@@ -355,6 +403,16 @@ impl Shared {
 }
 
 impl Shared {
+    /// `commit = "after_batch"`: the engine's completed checkpoint, as offsets to commit.
+    fn batches_completed(&self, done: &Checkpoint) {
+        let mut p = lock(&self.progress);
+        for (t, part, o) in done.iter() {
+            let o = i64::try_from(o).unwrap_or(i64::MAX);
+            let e = p.completed.entry((t.to_string(), part)).or_insert(o);
+            *e = (*e).max(o);
+        }
+    }
+
     /// Checks asynchronous commits sent at least [`VERIFY_AFTER`] ago against the group's
     /// committed offsets. One the group does not show (at that offset or beyond) is counted as
     /// failed and forgotten, so that the next commit sends it again; one for a partition no longer
@@ -467,6 +525,12 @@ impl ConsumerContext for Ctx {
                         (Some(g), Some(w)) => Some(g.max(w)),
                         (g, w) => g.or(w),
                     };
+                    if let Some(g) = group {
+                        // Never commit behind what the group already has.
+                        let mut pr = lock(&s.progress);
+                        let c = pr.committed.entry((t.clone(), p)).or_insert(g - 1);
+                        *c = (*c).max(g - 1);
+                    }
                     if let Some(start) = start {
                         let _ = tpl.set_partition_offset(&t, p, Offset::Offset(start));
                     }
@@ -634,6 +698,7 @@ impl Receiver for KafkaReceiver {
         let shared = Arc::new(Shared {
             stats: self.stats.clone(),
             revoke_timeout: Duration::from_millis(self.config.revoke_timeout_ms),
+            after_batch: self.config.commit == KafkaCommit::AfterBatch,
             ..Shared::default()
         });
         *lock(&shared.checkpoint) = ctx.checkpoint();
@@ -712,6 +777,9 @@ impl Receiver for KafkaReceiver {
                 }
                 if let Some(f) = lock(&poll_shared.progress).failed.clone() {
                     return Err(ReceiverError::msg(format!("storing failed: {f}")));
+                }
+                if poll_shared.after_batch {
+                    poll_shared.batches_completed(&ctx2.completed());
                 }
                 let mut records = Vec::new();
                 let mut offsets: HashMap<(Arc<str>, i32), i64> = HashMap::new();

@@ -725,4 +725,120 @@ mod real_kafka {
         );
         let _ = node.0.kill();
     }
+
+    /// `commit = "after_batch"`: Kafka is the replica, the WAL a cache. See
+    /// [`a_lost_disk_loses_nothing`].
+    #[test]
+    fn with_commit_after_batch_a_node_whose_disk_is_lost_loses_nothing() {
+        a_lost_disk_loses_nothing("lose-disk", |bs, group, topic| {
+            let r = group_receiver(bs, group, topic, true).replacen(
+                "commit_interval_ms = 100\n",
+                "commit_interval_ms = 100\ncommit = \"after_batch\"\n",
+                1,
+            );
+            assert!(r.contains("after_batch"), "{r}");
+            r
+        });
+    }
+
+    /// Direct mode keeps nothing in the WAL and commits each completed batch's ranges: a node
+    /// on a new machine resumes from the group's committed offsets. See
+    /// [`a_lost_disk_loses_nothing`].
+    #[test]
+    fn in_direct_mode_a_node_on_a_new_machine_resumes_from_the_committed_offsets() {
+        a_lost_disk_loses_nothing("lose-disk-direct", |bs, group, topic| {
+            format!(
+                "[[receiver]]\nname = \"events\"\ntype = \"kafka\"\nmode = \"direct\"\n\
+                 bootstrap_servers = \"{bs}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n"
+            )
+        });
+    }
+
+    /// Node A (the `receiver` table that `receiver(bootstrap, group, topic)` writes) reads a
+    /// 3-partition topic of the shared broker (2 s batches, a `dir` output) while a producer
+    /// writes. Once A's output holds 2,000 records (and, in group mode, 1,000 more are durable
+    /// in its WAL only), A is SIGKILLed and its data directory deleted: the machine is lost.
+    /// The group's committed offsets must then cover no more than A's output. Node B, a new data
+    /// directory and the same `group_id`, reads on from them: every produced record must be in
+    /// A's output or B's, and the duplicates are exactly the records of A's output beyond the
+    /// committed offsets (which B reads again).
+    fn a_lost_disk_loses_nothing(name: &str, receiver: impl Fn(&str, &str, &str) -> String) {
+        let _serial = one_at_a_time();
+        let broker = kafka::shared();
+        let (bs, _logs) = (broker.bootstrap(), broker.logs_on_failure());
+        let topic = unique(name);
+        let group = format!("{topic}-g");
+        create_topic(&bs, &topic, 3, 1, &[]);
+        let scratch = Scratch::new(&format!("real-kafka-{name}"));
+        let dir = scratch.path();
+        let receiver = receiver(&bs, &group, &topic);
+        let direct = receiver.contains("direct");
+        let (a_config, a_out, a_port) = node_config(dir, "a", 2000, &receiver, "");
+        let (b_config, b_out, b_port) = node_config(dir, "b", 500, &receiver, "");
+        let a = spawn(&a_config, &dir.join("a.log"));
+        wait_healthy(a_port);
+        let feeder = Feeder::start(&bs, &topic, 200, Duration::from_millis(20));
+
+        let mut at_kill = (0, 0);
+        wait_until(
+            "node A with records in its output (and more durable only in its WAL)",
+            Duration::from_secs(60),
+            || {
+                let out = batch_records(&a_out).len() as u64;
+                let stored = metric(a_port, "weir_receiver_records_stored_total").unwrap_or(0);
+                at_kill = (out, stored);
+                out >= 2000 && (direct || stored >= out + 1000)
+            },
+        );
+        drop(a); // SIGKILL
+        fs::remove_dir_all(dir.join("a-data")).unwrap();
+        let a_seen = batch_records(&a_out);
+        let committed: u64 = kafka::committed_offsets(&bs, &group, &topic, 3)
+            .expect("the group coordinator answers")
+            .into_iter()
+            .map(|o| o.unwrap_or(0) as u64)
+            .sum();
+        assert!(
+            committed <= a_seen.len() as u64,
+            "the group committed {committed} records but A's output holds only {} (at the kill \
+             {} in the output, {} stored)",
+            a_seen.len(),
+            at_kill.0,
+            at_kill.1
+        );
+
+        // A new machine: a new data directory, the same group.
+        let b = spawn(&b_config, &dir.join("b.log"));
+        wait_healthy(b_port);
+        std::thread::sleep(Duration::from_secs(2));
+        let (total, _) = feeder.stop();
+        wait_until(
+            "every produced record in A's or B's output",
+            Duration::from_secs(90),
+            || {
+                let n: BTreeSet<u64> = a_seen
+                    .iter()
+                    .chain(batch_records(&b_out).iter())
+                    .map(|s| s.n)
+                    .collect();
+                n.len() as u64 >= total
+            },
+        );
+        let b_seen = batch_records(&b_out);
+        let seen = counts(a_seen.iter().chain(b_seen.iter()).map(|s| s.n));
+        let duplicates = complete(&seen, total, name);
+        assert_eq!(
+            duplicates,
+            a_seen.len() as u64 - committed,
+            "duplicates other than A's output beyond the committed offsets"
+        );
+        eprintln!(
+            "{name}: {total} records, {} in A's output ({} stored at the kill, {committed} \
+             committed), {} in B's, {duplicates} duplicates",
+            a_seen.len(),
+            at_kill.1,
+            b_seen.len()
+        );
+        drop(b);
+    }
 }

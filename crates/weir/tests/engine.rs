@@ -920,3 +920,115 @@ async fn a_second_engine_on_a_data_directory_in_use_gets_a_locked_error() {
     let again = weir_testkit::start(|| context(dir.path(), 10, &acked, &seen)).await;
     again.stop().await.unwrap();
 }
+
+/// Stores `numbers` 0..100 per call when asked (`go`), and hands the test its context.
+struct Stepper {
+    go: Arc<tokio::sync::Notify>,
+    ctx: Arc<Mutex<Option<ReceiverContext>>>,
+    stored: Arc<AtomicU64>,
+}
+
+impl Receiver for Stepper {
+    async fn run(&self, ctx: ReceiverContext) -> Result<(), ReceiverError> {
+        *self.ctx.lock().unwrap() = Some(ctx.clone());
+        let mut next = ctx.checkpoint().get("numbers", 0).map_or(0, |o| o + 1);
+        loop {
+            tokio::select! {
+                _ = self.go.notified() => {}
+                _ = ctx.shutdown().requested() => return Ok(()),
+            }
+            let batch: Vec<Record> = (next..next + 100)
+                .map(|n| Record::new(n.to_string()).with_position(Position::sequence("numbers", n)))
+                .collect();
+            next += 100;
+            ctx.store(batch).await?;
+            self.stored.store(next, SeqCst);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_sees_its_records_completed_only_once_their_batch_completed_every_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |allow: Arc<AtomicBool>| {
+        let mut config = fast_config();
+        config.clock = ClockMode::Manual;
+        config.job_retry_initial_ms = 10;
+        config.job_retry_max_ms = 20;
+        let mut ctx = StreamingContext::new(config, dir.path());
+        let (go, rctx, stored) = (Arc::default(), Arc::default(), Arc::default());
+        ctx.add_receiver(
+            "numbers",
+            Stepper {
+                go: Arc::clone(&go),
+                ctx: Arc::clone(&rctx),
+                stored: Arc::clone(&stored),
+            },
+        );
+        ctx.foreach_batch("gated-output", move |_| {
+            if allow.load(SeqCst) {
+                Ok(())
+            } else {
+                Err("output unavailable".into())
+            }
+        });
+        (ctx, go, rctx, stored)
+    };
+    let completed = |rctx: &Arc<Mutex<Option<ReceiverContext>>>| {
+        rctx.lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|c| c.completed().get("numbers", 0))
+    };
+    let allow = Arc::new(AtomicBool::new(false));
+    let (ctx, go, rctx, stored) = start(allow.clone());
+    let running = Arc::new(ctx.start().await.unwrap());
+    wait_for("the receiver", Duration::from_secs(10), || {
+        rctx.lock().unwrap().is_some()
+    })
+    .await;
+    go.notify_one();
+    wait_for("0..100 durable", Duration::from_secs(10), || {
+        stored.load(SeqCst) == 100
+    })
+    .await;
+    // Durable, but in no completed batch: nothing completed.
+    assert_eq!(completed(&rctx), None);
+    let r = running.clone();
+    let batch = tokio::spawn(async move { r.run_batch().await });
+    wait_for("a failed attempt", Duration::from_secs(10), || {
+        running.metrics().engine().job_failures() >= 2
+    })
+    .await;
+    // The batch is allocated and its output keeps failing: still nothing completed.
+    assert_eq!(completed(&rctx), None);
+    allow.store(true, SeqCst);
+    batch.await.unwrap().unwrap();
+    assert_eq!(completed(&rctx), Some(99));
+    go.notify_one();
+    wait_for("100..200 durable", Duration::from_secs(10), || {
+        stored.load(SeqCst) == 200
+    })
+    .await;
+    assert_eq!(completed(&rctx), Some(99));
+    running.run_batch().await.unwrap();
+    assert_eq!(completed(&rctx), Some(199));
+    Arc::into_inner(running).unwrap().stop().await.unwrap();
+
+    // A new run starts with nothing completed; its first batch covers everything before it.
+    let (ctx, go, rctx, stored) = start(allow);
+    let running = ctx.start().await.unwrap();
+    wait_for("the receiver", Duration::from_secs(10), || {
+        rctx.lock().unwrap().is_some()
+    })
+    .await;
+    assert_eq!(completed(&rctx), None);
+    go.notify_one();
+    wait_for("200..300 durable", Duration::from_secs(10), || {
+        stored.load(SeqCst) == 300
+    })
+    .await;
+    running.run_batch().await.unwrap();
+    assert_eq!(completed(&rctx), Some(299));
+    running.stop().await.unwrap();
+}

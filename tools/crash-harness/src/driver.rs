@@ -27,6 +27,8 @@ pub struct Plan {
     pub dir: Option<PathBuf>,
     /// The receiver-node binary; `None`: the one next to this binary.
     pub node: Option<PathBuf>,
+    /// Delete the data directory at every kill; each restart is a new node.
+    pub lose_disk: bool,
 }
 
 impl Plan {
@@ -89,16 +91,33 @@ pub fn run(
     let config = dir.join("node.toml");
     let log = dir.join("node.log");
     let mut feed = open(&dir)?;
-    std::fs::write(
-        &config,
-        node::config(&dir.join("data"), &feed.receiver(), &out_dir, maddr),
-    )
-    .map_err(|e| e.to_string())?;
+    let data = dir.join("data");
+    let receiver = feed.receiver();
+    // With --lose-disk every restart is a new node: a new data directory and node id.
+    let write_config = |incarnation: u32| {
+        std::fs::write(
+            &config,
+            node::config(
+                &format!("crash-harness-{incarnation}"),
+                &data,
+                &receiver,
+                &out_dir,
+                maddr,
+            ),
+        )
+        .map_err(|e| e.to_string())
+    };
+    write_config(0)?;
     println!(
-        "crash-harness: source {}, seed {}, {} kills, work dir {}, node log {}",
+        "crash-harness: source {}, seed {}, {} kills{}, work dir {}, node log {}",
         feed.name(),
         plan.seed,
         plan.kills,
+        if plan.lose_disk {
+            " each losing the data directory"
+        } else {
+            ""
+        },
         dir.display(),
         log.display()
     );
@@ -118,6 +137,11 @@ pub fn run(
         child.kill().map_err(|e| format!("SIGKILL: {e}"))?;
         let _ = child.wait();
         let acked = lock(&shared.ledger).acked_count();
+        if plan.lose_disk {
+            std::fs::remove_dir_all(&data)
+                .map_err(|e| format!("deleting {}: {e}", data.display()))?;
+            write_config(k + 1)?;
+        }
         feed.killed();
         child =
             node::NodeProcess(node::start_node(&node, &config, &log).map_err(|e| e.to_string())?);
@@ -163,7 +187,15 @@ pub fn run(
     let mut rec: Vec<u128> = recoveries.iter().map(Duration::as_millis).collect();
     rec.sort_unstable();
     println!("crash-harness report (seed {}):", plan.seed);
-    println!("  kills: {}", plan.kills);
+    println!(
+        "  kills: {}{}",
+        plan.kills,
+        if plan.lose_disk {
+            " (data directory deleted at each)"
+        } else {
+            ""
+        }
+    );
     for line in feed.counts(l.sent, v.acked) {
         println!("  {line}");
     }

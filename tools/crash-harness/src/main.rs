@@ -46,7 +46,11 @@
 //! target/release/crash-harness --kills 300 --seed 7          # a long run
 //! target/release/crash-harness --source kafka --kills 20     # the Kafka receiver, mock cluster
 //! target/release/crash-harness --source kafka --bootstrap 127.0.0.1:9092 --kills 50
+//! target/release/crash-harness --source kafka --commit after-batch --lose-disk --kills 20
 //! ```
+//!
+//! `--lose-disk` deletes the data directory at every kill (a lost disk or machine): each
+//! restart is a new node with a new data directory and `node_id`, writing to the same output.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +82,15 @@ enum Source {
     /// polls; events count as acknowledged when the sink answered the push `OK` (the sink then
     /// holds them until the node acks them durable).
     FlumePull,
+}
+
+/// `--commit`: the Kafka receiver's `commit` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Commit {
+    /// Offsets committed once the records are durable in the WAL.
+    Durable,
+    /// Offsets committed once the batch holding the records has completed every output.
+    AfterBatch,
 }
 
 #[derive(Debug, Parser)]
@@ -122,6 +135,18 @@ struct Opts {
     /// cluster's retention of ~5 MiB or 100,000 records per partition).
     #[arg(long, default_value_t = 20_000)]
     max_backlog: i64,
+    /// When the node's Kafka receiver commits offsets (Kafka source): `durable` (once in the
+    /// WAL, the receiver's default) or `after-batch` (once the batch holding the records has
+    /// completed its output: Kafka is then the replica, and `--lose-disk` loses nothing).
+    #[arg(long, value_enum)]
+    commit: Option<Commit>,
+    /// Delete the node's data directory at every kill, as if its disk or machine were lost:
+    /// each restart is a new node (a new data directory and `node_id`) writing to the same
+    /// output directory. Only what a replica holds survives: without one (Kafka with
+    /// `--commit after-batch` is its own), records acknowledged but not yet in a completed
+    /// batch are reported MISSING.
+    #[arg(long)]
+    lose_disk: bool,
     /// A real Kafka cluster to use instead of the in-process mock (Kafka source): a new topic
     /// of `--partitions` partitions, replicated to up to 3 brokers, is created there.
     #[arg(long, value_name = "HOST:PORT")]
@@ -148,12 +173,15 @@ fn run(o: &Opts) -> Result<bool, String> {
         max_ms: o.max_ms,
         dir: o.dir.clone(),
         node: o.node.clone(),
+        lose_disk: o.lose_disk,
     };
     plan.check()?;
     if o.source == Source::Kafka {
         kafka::check_options(o.rate, o.max_backlog)?;
     } else if o.bootstrap.is_some() {
         return Err("--bootstrap goes with --source kafka".into());
+    } else if o.commit.is_some() {
+        return Err("--commit goes with --source kafka".into());
     }
     // The feed is built in the work directory, once the driver has made it.
     driver::run(&plan, |dir| -> Result<Box<dyn Feed>, String> {
@@ -164,6 +192,7 @@ fn run(o: &Opts) -> Result<bool, String> {
                 o.rate,
                 o.max_backlog,
                 o.bootstrap.as_deref(),
+                o.commit.unwrap_or(Commit::Durable),
             )?),
             Source::Flume => Box::new(FlumeFeed::new(o.producers)?),
             Source::FlumePull => Box::new(FlumePullFeed::new(o.producers, dir)?),

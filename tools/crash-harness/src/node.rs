@@ -12,12 +12,18 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The node's configuration: fsync `always` (the default), WAL in `data_dir`, the feed's
-/// `[[receiver]]` section, a `dir` output in `lines` format, metrics (and `/health`) on
+/// The node's configuration: `node_id`, fsync `always` (the default), WAL in `data_dir`, the
+/// feed's `[[receiver]]` section, a `dir` output in `lines` format, metrics (and `/health`) on
 /// `metrics`.
-pub fn config(data_dir: &Path, receiver: &str, out_dir: &Path, metrics: SocketAddr) -> String {
+pub fn config(
+    node_id: &str,
+    data_dir: &Path,
+    receiver: &str,
+    out_dir: &Path,
+    metrics: SocketAddr,
+) -> String {
     format!(
-        "data_dir = {data:?}\n\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\n\
+        "node_id = {node_id:?}\ndata_dir = {data:?}\n\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\n\
          {receiver}\n\
          [[output]]\ntype = \"dir\"\npath = {out:?}\nformat = \"lines\"\n\n[metrics]\naddress = \"{metrics}\"\n",
         data = data_dir.display().to_string(),

@@ -12,18 +12,7 @@ const HARNESS: &str = env!("CARGO_BIN_EXE_crash-harness");
 /// failing the test (with the node's log) unless it passed with nothing acknowledged missing,
 /// nothing corrupt and the kills done.
 fn harness_passes(args: &[&str], kills: u32) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let t0 = Instant::now();
-    let out = Command::new(HARNESS)
-        .args(args)
-        .args(["--kills", &kills.to_string(), "--node"])
-        .arg(cargo_bin("receiver-node"))
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout).to_string();
-    eprintln!("{report}(in {:?})", t0.elapsed());
+    let (out, report, dir) = harness(args, kills);
     assert!(
         out.status.success(),
         "{report}\n{}\nnode log:\n{}",
@@ -86,6 +75,76 @@ fn the_crash_harness_in_kafka_mode_finds_nothing_delivered_missing_after_kills()
         .and_then(|d| d.parse::<u64>().ok());
     assert!(duplicates.is_some(), "{report}");
     eprintln!("duplicates seen: {duplicates:?}");
+}
+
+/// `--lose-disk` with Kafka as the replica (`--commit after-batch`): every kill also deletes
+/// the data directory, and still nothing delivered to Kafka is missing from the output.
+#[test]
+fn with_commit_after_batch_the_crash_harness_loses_the_disk_at_each_kill_and_nothing_delivered() {
+    let report = harness_passes(
+        &[
+            "--source",
+            "kafka",
+            "--commit",
+            "after-batch",
+            "--lose-disk",
+            "--seed",
+            "6",
+            "--min-ms",
+            "300",
+            "--max-ms",
+            "1200",
+            "--rate",
+            "3000",
+        ],
+        2,
+    );
+    assert!(report.contains("data directory deleted"), "{report}");
+    assert!(delivered(&report) > 1000, "{report}");
+}
+
+/// Without a replica, a lost disk loses what was acknowledged but not yet in a completed batch,
+/// and the harness says so: the socket source with `--lose-disk` fails with records MISSING.
+#[test]
+fn without_a_replica_the_crash_harness_reports_what_a_lost_disk_lost() {
+    let (out, report, _dir) = harness(
+        &[
+            "--lose-disk",
+            "--seed",
+            "4",
+            "--min-ms",
+            "300",
+            "--max-ms",
+            "600",
+        ],
+        2,
+    );
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let missing: u64 = report
+        .lines()
+        .find_map(|l| l.split("MISSING (acknowledged, not in output): ").nth(1))
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(missing > 0, "{report}");
+    assert!(report.contains("result: FAIL"), "{report}");
+}
+
+/// Runs the crash harness with `args`, `--kills`, `--node` and a fresh `--dir`: its exit, its
+/// report and the directory (kept until dropped).
+fn harness(args: &[&str], kills: u32) -> (std::process::Output, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let out = Command::new(HARNESS)
+        .args(args)
+        .args(["--kills", &kills.to_string(), "--node"])
+        .arg(cargo_bin("receiver-node"))
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{report}(in {:?})", t0.elapsed());
+    (out, report, dir)
 }
 
 /// Records the Kafka feed saw delivered to Kafka, from the harness's report (0 if absent).

@@ -369,6 +369,9 @@ pub(crate) struct Generator {
     closed: AtomicBool,
     slow_waiters: AtomicUsize,
     admit: mpsc::UnboundedSender<Admission>,
+    /// The positions of this receiver's records in batches that completed every job and output
+    /// (in this run; see [`ReceiverHost::completed`]).
+    completed: Mutex<Checkpoint>,
 }
 
 /// Size limits of a [`Generator`].
@@ -443,6 +446,7 @@ impl Generator {
             metrics,
             block_max,
             max_call,
+            completed: Mutex::new(Checkpoint::new()),
             closed: AtomicBool::new(false),
             slow_waiters: AtomicUsize::new(0),
             admit,
@@ -479,6 +483,12 @@ impl Generator {
     /// The receiver's checkpoint including records not yet durable.
     pub(crate) fn checkpoint(&self) -> Checkpoint {
         lock(&self.state).checkpoint.clone()
+    }
+
+    /// A batch holding this receiver's blocks up to `checkpoint` completed (as did every batch
+    /// before it).
+    pub(crate) fn batch_completed(&self, checkpoint: &Checkpoint) {
+        lock(&self.completed).merge(checkpoint);
     }
 
     /// Cuts the current block if it holds anything.
@@ -678,5 +688,9 @@ impl ReceiverHost for Host {
 
     fn checkpoint(&self) -> Checkpoint {
         self.generator.checkpoint()
+    }
+
+    fn completed(&self) -> Checkpoint {
+        lock(&self.generator.completed).clone()
     }
 }

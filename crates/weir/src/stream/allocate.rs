@@ -98,8 +98,11 @@ impl Engine {
     }
 
     /// Applies a committed allocation: remembers the batch, cleans up, queues it.
-    pub(super) fn allocated(&self, p: PendingAlloc) {
+    pub(super) fn allocated(&self, mut p: PendingAlloc) {
         self.metrics.tracker_commits.inc();
+        if !p.checkpoints.is_empty() {
+            lock(&self.batch_checkpoints).insert(p.time, std::mem::take(&mut p.checkpoints));
+        }
         self.metrics.batches_allocated.inc();
         if !p.positions.is_empty() {
             lock(&self.direct_positions).extend(p.positions);

@@ -422,6 +422,7 @@ impl StreamingContext {
             pid: Mutex::new(pid),
             direct,
             direct_positions: Mutex::new(direct_positions),
+            batch_checkpoints: Mutex::new(BTreeMap::new()),
         });
         if let Some(c) = completed {
             metrics.last_completed_batch_ms.set(c);
@@ -521,7 +522,8 @@ struct PendingAlloc {
 ///    the block source's pinned blocks and the block cache (releasing forgotten blocks), the
 ///    WAL's own locks (cleanup).
 /// 5. Leaves, never held while taking another engine lock: `queue`, `incomplete`, `pid` (which
-///    takes the receivers' rate limiters inside).
+///    takes the receivers' rate limiters inside), `batch_checkpoints` (which takes the
+///    receivers' completed checkpoints inside).
 struct Engine {
     /// The effective `node_id` (given to every batch).
     node_id: Arc<str>,
@@ -558,6 +560,9 @@ struct Engine {
     direct: Vec<(Arc<str>, Arc<dyn DirectSource>)>,
     /// Per direct source: the last offset planned into a batch, per partition.
     direct_positions: Mutex<HashMap<Arc<str>, Checkpoint>>,
+    /// Per batch allocated in this run and not yet complete: each receiver's checkpoint as of
+    /// its last block in the batch, handed to the receiver once the batch completes.
+    batch_checkpoints: Mutex<BTreeMap<u64, BTreeMap<Arc<str>, Checkpoint>>>,
 }
 
 impl Engine {

@@ -173,6 +173,7 @@ impl Engine {
         m.batch_records.inc_by(batch.count());
         m.last_completed_batch_ms.set(t);
         self.completed.send_replace(Some(t));
+        self.receivers_completed(t);
         if !self.direct.is_empty() {
             self.direct_completed(t).await;
         }
@@ -180,6 +181,20 @@ impl Engine {
             self.update_rates(&blocks, processing, scheduling);
         }
         true
+    }
+
+    /// Hands each receiver its checkpoint as of the batches through `t` (all complete now).
+    fn receivers_completed(&self, t: u64) {
+        let mut all = lock(&self.batch_checkpoints);
+        let rest = all.split_off(&(t + 1));
+        let done = std::mem::replace(&mut *all, rest);
+        for cps in done.into_values() {
+            for (name, cp) in cps {
+                if let Some((_, g)) = self.generators.iter().find(|(n, _)| *n == name) {
+                    g.batch_completed(&cp);
+                }
+            }
+        }
     }
 
     pub(super) fn update_rates(&self, blocks: &[BlockRef], processing_ms: u64, scheduling_ms: u64) {

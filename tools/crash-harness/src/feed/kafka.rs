@@ -28,6 +28,7 @@ use weir_receiver::lock;
 
 use super::{Feed, Producer, Shared};
 use crate::verify::{record, Ledger};
+use crate::Commit;
 
 /// The mock cluster's topic the harness produces to and the node consumes, and the node's group.
 const MOCK_TOPIC: &str = "events";
@@ -44,6 +45,8 @@ pub fn check_options(rate: u64, max_backlog: i64) -> Result<(), String> {
 /// offsets.
 pub struct KafkaFeed {
     production: Production,
+    /// The receiver's `commit` setting.
+    commit: Commit,
     /// Reads the group's committed offsets.
     reader: BaseConsumer,
     /// Per (re)start: the time from the start to a new offset commit.
@@ -67,6 +70,7 @@ impl KafkaFeed {
         rate: u64,
         max_backlog: i64,
         bootstrap: Option<&str>,
+        commit: Commit,
     ) -> Result<KafkaFeed, String> {
         let (cluster, bootstrap, topic) = match bootstrap {
             None => {
@@ -95,6 +99,7 @@ impl KafkaFeed {
             paused_ms: Arc::default(),
         };
         Ok(KafkaFeed {
+            commit,
             reader: group_reader(&production.bootstrap, &production.group)?,
             production,
             resumes: Vec::new(),
@@ -115,9 +120,13 @@ impl Feed for KafkaFeed {
         // Short session timeouts: a killed node's membership ends soon, so its restart gets
         // the partitions back within seconds.
         let p = &self.production;
+        let commit = match self.commit {
+            Commit::Durable => "durable",
+            Commit::AfterBatch => "after_batch",
+        };
         format!(
             "[[receiver]]\nname = \"events\"\ntype = \"kafka\"\nbootstrap_servers = \"{}\"\ngroup_id = \"{}\"\n\
-             topics = [\"{}\"]\ncommit_interval_ms = 100\n\
+             topics = [\"{}\"]\ncommit_interval_ms = 100\ncommit = \"{commit}\"\n\
              [receiver.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"300\"\n",
             p.bootstrap, p.group, p.topic
         )
