@@ -249,18 +249,27 @@ impl Drop for Node {
 /// The Python interpreter with Apache `avro` for the Flume peers: `WEIR_PYTHON`, else the
 /// workspace's `.venv` (which `scripts/test` creates). Panics with the way to install it.
 pub fn python() -> PathBuf {
+    python_importing(
+        "avro.io, avro.ipc, avro.protocol",
+        "Python's `avro` package, which the Flume peers need",
+    )
+}
+
+/// The tests' Python interpreter (`WEIR_PYTHON`, else the workspace's `.venv`), checked to
+/// `import` the comma-separated `modules`; panics naming `what` and how to install it.
+pub fn python_importing(modules: &str, what: &str) -> PathBuf {
     let python = std::env::var_os("WEIR_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
     let ok = Command::new(&python)
-        .args(["-c", "import avro.io, avro.ipc, avro.protocol"])
+        .args(["-c", &format!("import {modules}")])
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(
         ok,
-        "{} cannot import Python's `avro` package, which the Flume peers need. Install it from \
-         the repository root with:\n    python3 -m venv .venv && .venv/bin/pip install avro\n\
-         (or run scripts/test, or point WEIR_PYTHON at an interpreter that has it)",
+        "{} cannot import {what}. Install the pinned Python peers from the repository root \
+         with:\n    interop/python-peers\n(or run scripts/test, or point WEIR_PYTHON at an \
+         interpreter that has them: interop/python-requirements.txt)",
         python.display()
     );
     python

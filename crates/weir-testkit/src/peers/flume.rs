@@ -23,7 +23,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{classpath, log_lines, peer_dir, tail, JavaProcess};
+use super::{classpath, log_lines, peer_dir, tail, PeerProcess};
 use crate::{free_port, workspace_root};
 
 /// The heap of one agent: the tests' channels hold at most some 100k small events.
@@ -224,7 +224,7 @@ pub struct FlumeAgent {
     pub log: PathBuf,
     /// The port of its JSON counters (`GET /metrics`).
     pub monitoring_port: u16,
-    process: Option<JavaProcess>,
+    process: Option<PeerProcess>,
 }
 
 impl FlumeAgent {
@@ -261,7 +261,7 @@ impl FlumeAgent {
             file.display().to_string(),
             "--no-reload-conf".to_string(),
         ];
-        let process = JavaProcess::start(
+        let process = PeerProcess::start(
             &format!("flume agent ({})", dist.lib()),
             &cp,
             HEAP_MB,
@@ -336,7 +336,7 @@ impl FlumeAgent {
 
     /// True while the JVM runs.
     pub fn running(&mut self) -> bool {
-        self.process.as_mut().is_some_and(JavaProcess::running)
+        self.process.as_mut().is_some_and(PeerProcess::running)
     }
 
     /// Kills the agent at once (its memory channel is lost).

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{classpath, log_lines, peer_dir, JavaProcess, LogsOnFailure};
+use super::{classpath, log_lines, peer_dir, LogsOnFailure, PeerProcess};
 use crate::{free_port, workspace_root};
 
 /// The heap of one broker: enough for the tests' topics, small enough for three on 2 cores.
@@ -27,7 +27,7 @@ struct Broker {
     sasl_port: u16,
     config: PathBuf,
     log: PathBuf,
-    process: Option<JavaProcess>,
+    process: Option<PeerProcess>,
 }
 
 /// A running Kafka cluster of one or more brokers; dropping it kills them.
@@ -93,7 +93,7 @@ impl KafkaCluster {
             let config = bdir.join("server.properties");
             fs::write(&config, c).unwrap();
             let log = bdir.join("log");
-            formats.push(JavaProcess::start(
+            formats.push(PeerProcess::start(
                 &format!("kafka storage format {id}"),
                 &cp,
                 256,
@@ -138,7 +138,7 @@ impl KafkaCluster {
             "-Dlog4j2.configurationFile={}",
             workspace_root().join("interop/log4j2.properties").display()
         );
-        b.process = Some(JavaProcess::start(
+        b.process = Some(PeerProcess::start(
             &format!("kafka broker {}", b.id),
             &cp,
             HEAP_MB,
@@ -234,7 +234,7 @@ impl Drop for KafkaCluster {
     }
 }
 
-fn wait_exited(p: &mut JavaProcess, id: i32) {
+fn wait_exited(p: &mut PeerProcess, id: i32) {
     for _ in 0..600 {
         if !p.running() {
             return;

@@ -1,5 +1,6 @@
-//! Real JVM peers for the interoperability tests: an Apache Kafka broker or cluster in KRaft
-//! mode ([`kafka`]), an Apache Flume agent, and a Flume agent carrying Spark's sink ([`flume`]).
+//! Real peers for the interoperability tests: an Apache Kafka broker or cluster in KRaft mode
+//! ([`kafka`]), an Apache Flume agent, a Flume agent carrying Spark's sink ([`flume`]), and an
+//! S3-compatible object store ([`s3`], moto's server from PyPI).
 //!
 //! Their jars come from Maven Central through the pinned lists in `interop/*.xml`, resolved by
 //! `interop/fetch` into the git-ignored `interop/lib/<peer>/` (done here on first use, and by
@@ -12,6 +13,7 @@
 
 pub mod flume;
 pub mod kafka;
+pub mod s3;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -105,14 +107,15 @@ fn prune(root: &Path) {
     }
 }
 
-/// One running JVM peer (under `interop/peer`). Dropping it kills the JVM.
-pub struct JavaProcess {
+/// One running peer process, a JVM or a Python server (under `interop/peer`). Dropping it
+/// kills the process.
+pub struct PeerProcess {
     pub name: String,
     pub log: PathBuf,
     child: Child,
 }
 
-impl JavaProcess {
+impl PeerProcess {
     /// Starts `java <jvm_args> -cp <classpath> <main> <args>` with a heap of at most `heap_mb`,
     /// its output appended to `log`.
     pub fn start(
@@ -123,26 +126,32 @@ impl JavaProcess {
         main: &str,
         args: &[String],
         log: &Path,
-    ) -> JavaProcess {
+    ) -> PeerProcess {
+        let mut command = vec![
+            java().display().to_string(),
+            format!("-Xmx{heap_mb}m"),
+            "-XX:+UseSerialGC".into(),
+        ];
+        command.extend(jvm_args.iter().cloned());
+        command.extend(["-cp".into(), classpath.into(), main.into()]);
+        command.extend(args.iter().cloned());
+        PeerProcess::command(name, &command, log)
+    }
+
+    /// Starts `command` (the program, then its arguments), its output appended to `log`.
+    pub fn command(name: &str, command: &[String], log: &Path) -> PeerProcess {
         let wrapper = workspace_root().join("interop/peer");
         let child = Command::new(wrapper)
             .arg(std::process::id().to_string())
             .arg(log)
             .arg("--")
-            .arg(java())
-            .arg(format!("-Xmx{heap_mb}m"))
-            .arg("-XX:+UseSerialGC")
-            .args(jvm_args)
-            .arg("-cp")
-            .arg(classpath)
-            .arg(main)
-            .args(args)
+            .args(command)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        JavaProcess {
+        PeerProcess {
             name: name.into(),
             log: log.to_path_buf(),
             child,
@@ -206,7 +215,7 @@ impl JavaProcess {
     }
 }
 
-impl Drop for JavaProcess {
+impl Drop for PeerProcess {
     fn drop(&mut self) {
         self.kill();
     }
