@@ -172,8 +172,10 @@ impl Engine {
         m.batches_completed.inc();
         m.batch_records.inc_by(batch.count());
         m.last_completed_batch_ms.set(t);
-        self.completed.send_replace(Some(t));
+        // Receivers first: whoever sees the batch completed then also sees it in their
+        // completed checkpoints.
         self.receivers_completed(t);
+        self.completed.send_replace(Some(t));
         if !self.direct.is_empty() {
             self.direct_completed(t).await;
         }
