@@ -345,7 +345,14 @@ impl Shared {
     fn commit(&self, c: &BaseConsumer<Ctx>, only: Option<&TopicPartitionList>, mode: CommitMode) {
         let mut tpl = TopicPartitionList::new();
         {
-            let assigned = c.assignment().ok();
+            // Periodic commits skip partitions revoked meanwhile (another member owns them
+            // now). A revocation names its partitions: librdkafka may no longer list them as
+            // assigned while its callback runs, and their final commit must not be skipped.
+            let assigned = if only.is_none() {
+                c.assignment().ok()
+            } else {
+                None
+            };
             let p = lock(&self.progress);
             let source = if self.after_batch {
                 &p.completed
@@ -358,7 +365,6 @@ impl Shared {
                         continue;
                     }
                 }
-                // A partition revoked meanwhile belongs to another member now.
                 if assigned
                     .as_ref()
                     .is_some_and(|a| a.find_partition(t, *part).is_none())
