@@ -371,7 +371,12 @@ impl Shared {
                 {
                     continue;
                 }
-                if p.committed.get(&(t.clone(), *part)).is_none_or(|c| off > c) {
+                // A synchronous commit (revocation, stop) also re-sends an asynchronous one not
+                // yet seen by the group: it may have failed (e.g. refused for a stale
+                // generation during the rebalance that led to this revocation).
+                let k = (t.clone(), *part);
+                let unverified = matches!(mode, CommitMode::Sync) && p.unverified.contains_key(&k);
+                if unverified || p.committed.get(&k).is_none_or(|c| off > c) {
                     let _ = tpl.add_partition_offset(t, *part, Offset::Offset(off + 1));
                 }
             }
