@@ -346,8 +346,8 @@ impl Shared {
         let mut tpl = TopicPartitionList::new();
         {
             // Periodic commits skip partitions revoked meanwhile (another member owns them
-            // now). A revocation names its partitions: librdkafka may no longer list them as
-            // assigned while its callback runs, and their final commit must not be skipped.
+            // now). A revocation's or a stop's commit names the partitions it is for (or is
+            // the last one), so it is not filtered: nothing may make it skip a partition.
             let assigned = if only.is_none() {
                 c.assignment().ok()
             } else {
