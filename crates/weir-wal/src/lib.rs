@@ -366,6 +366,12 @@ impl AppendFuture {
         }
     }
 
+    /// A future already resolved with `result` (for a caller that polled an append to
+    /// completion and hands the outcome on in the same shape).
+    pub fn from_result(result: Result<RecordHandle>) -> Self {
+        Self::ready(result)
+    }
+
     /// Blocks the current thread until the append completes. For threads outside an async
     /// runtime.
     ///

@@ -326,6 +326,26 @@ pub fn resolve(data_dir: &Path, configured: Option<&str>) -> Result<Identity, Id
     Ok(id)
 }
 
+/// Records in an empty `data_dir` the identity of the node it adopts (replication): `node_id`
+/// with the previous owner's `instance` token, so that the destinations that node claimed admit
+/// this directory as the same node. An existing identity file is replaced.
+///
+/// # Errors
+/// [`IdentityError`] if the id is invalid or the file cannot be written.
+pub fn adopt(data_dir: &Path, node_id: &str, instance: &str) -> Result<Identity, IdentityError> {
+    std::fs::create_dir_all(data_dir).map_err(io_err("creating", data_dir))?;
+    let mut id = effective(data_dir, Some(node_id), None)?;
+    id.instance = instance.to_string();
+    let stored = Stored {
+        default_node_id: default_node_id(data_dir),
+        last_node_id: node_id.to_string(),
+        instance: instance.to_string(),
+    };
+    let bytes = serde_json::to_vec_pretty(&stored).expect("serialisable");
+    write_atomic(&data_dir.join(IDENTITY_FILE), &bytes)?;
+    Ok(id)
+}
+
 /// What a claim file in a shared destination holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Claim {

@@ -27,6 +27,7 @@ pub mod batch;
 pub mod block;
 pub mod identity;
 pub mod rate;
+pub mod replica;
 pub mod space;
 pub mod stream;
 pub mod tracker;

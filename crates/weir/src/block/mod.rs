@@ -15,10 +15,12 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use weir_receiver::{BlockId, Checkpoint, ReceiverHost, Record, StoreError, StoreFuture, Stored};
 
 use crate::rate::RateLimiter;
+use crate::replica::stage::{AllocRequest, Stage};
 use crate::stream::metrics::{Metrics, ReceiverMetrics};
 use crate::tracker::{BlockLocation, BlockRef};
 use crate::wal::{AppendFuture, RecordHandle, Wal, WalError, WalPosition};
 use codec::{BlockBuilder, DecodedBlock};
+use std::future::Future;
 use weir_receiver::lock;
 
 pub(crate) fn now_ms() -> u64 {
@@ -199,7 +201,22 @@ struct Submitted {
 enum Message {
     Block(Box<Submitted>),
     Flush(oneshot::Sender<()>),
+    /// A batch allocation to record in the replica before the batch runs.
+    Allocated(AllocRequest, oneshot::Sender<Result<(), String>>),
 }
+
+/// What the writer completes together: with a replica, every block whose WAL append is done
+/// when the first one is (one WAL group commit, give or take), in one replica write.
+#[derive(Default)]
+struct Group {
+    blocks: Vec<(Box<Submitted>, Result<RecordHandle, WalError>)>,
+    bytes: usize,
+    flushes: Vec<oneshot::Sender<()>>,
+    allocations: Vec<(AllocRequest, oneshot::Sender<Result<(), String>>)>,
+}
+
+/// A group's replica write stops taking blocks beyond this size.
+const GROUP_MAX_BYTES: usize = 64 << 20;
 
 /// Durable blocks that no batch has yet, in WAL order.
 #[derive(Debug, Default)]
@@ -209,6 +226,8 @@ pub(crate) struct Unallocated {
     pub(crate) end: Option<WalPosition>,
     /// Latest checkpoint of each receiver among these blocks.
     pub(crate) checkpoints: BTreeMap<Arc<str>, Checkpoint>,
+    /// With a replica: the replica's number after the last durable block.
+    pub(crate) replica_end: u64,
 }
 
 /// The shared block writer: appends cut blocks to the WAL in cut order and completes them in
@@ -222,15 +241,22 @@ pub(crate) struct BlockWriter {
     /// after its schedule (see `stream`).
     unallocated: Mutex<Unallocated>,
     fatal: OnceLock<String>,
+    replicating: bool,
 }
 
 impl BlockWriter {
     /// Creates the writer and spawns its completion task on the current tokio runtime.
+    ///
+    /// With a replica `stage`, each group of blocks is written to the replica before its waiters
+    /// are resolved, with the latest of `completed` (the time through which batches are
+    /// complete).
     pub(crate) fn start(
         wal: Arc<Wal>,
         cache: Arc<BlockCache>,
         metrics: Arc<Metrics>,
         recovered: Unallocated,
+        stage: Option<Stage>,
+        completed: watch::Receiver<Option<u64>>,
     ) -> (Arc<BlockWriter>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let w = Arc::new(BlockWriter {
@@ -240,9 +266,31 @@ impl BlockWriter {
             submit: Mutex::new(tx),
             unallocated: Mutex::new(recovered),
             fatal: OnceLock::new(),
+            replicating: stage.is_some(),
         });
-        let task = tokio::spawn(w.clone().complete(rx));
+        let task = tokio::spawn(w.clone().complete(rx, stage, completed));
         (w, task)
+    }
+
+    /// True if blocks are replicated before they are acknowledged.
+    pub(crate) fn replicating(&self) -> bool {
+        self.replicating
+    }
+
+    /// Records a batch allocation in the replica (after every block it holds, which are already
+    /// there). Resolves once it is durable there; an error if this process was fenced or the
+    /// writer stopped.
+    pub(crate) fn replicate_allocation(
+        &self,
+        request: AllocRequest,
+    ) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(Message::Allocated(_, tx))) =
+            lock(&self.submit).send(Message::Allocated(request, tx))
+        {
+            let _ = tx.send(Err("the block writer stopped".into()));
+        }
+        rx
     }
 
     /// Takes every durable block that no batch has yet, with the latest checkpoint of each
@@ -255,6 +303,7 @@ impl BlockWriter {
             blocks: std::mem::take(&mut u.blocks),
             end: u.end,
             checkpoints: std::mem::take(&mut u.checkpoints),
+            replica_end: u.replica_end,
         }
     }
 
@@ -287,17 +336,157 @@ impl BlockWriter {
         }
     }
 
-    async fn complete(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Message>) {
-        while let Some(msg) = rx.recv().await {
-            let s = match msg {
-                Message::Block(s) => s,
-                Message::Flush(tx) => {
-                    let _ = tx.send(());
-                    continue;
+    /// Takes one message into `group`; a block's WAL append is awaited.
+    async fn take(group: &mut Group, msg: Message) {
+        match msg {
+            Message::Block(mut s) => {
+                let Some(a) = s.append.take() else { return };
+                let r = a.await;
+                group.bytes += s.block.len();
+                group.blocks.push((s, r));
+            }
+            Message::Flush(tx) => group.flushes.push(tx),
+            Message::Allocated(r, tx) => group.allocations.push((r, tx)),
+        }
+    }
+
+    /// The next message if it can join the group now: anything but a block whose WAL append is
+    /// still pending (that one is kept in `held` for the next group).
+    fn ready(
+        rx: &mut mpsc::UnboundedReceiver<Message>,
+        held: &mut Option<Message>,
+    ) -> Option<Message> {
+        let mut msg = rx.try_recv().ok()?;
+        if let Message::Block(s) = &mut msg {
+            if let Some(a) = &mut s.append {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                if let std::task::Poll::Ready(r) = std::pin::Pin::new(a).poll(&mut cx) {
+                    s.append = Some(crate::wal::AppendFuture::from_result(r));
+                } else {
+                    *held = Some(msg);
+                    return None;
                 }
+            }
+        }
+        Some(msg)
+    }
+
+    async fn complete(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Message>,
+        mut stage: Option<Stage>,
+        mut completed: watch::Receiver<Option<u64>>,
+    ) {
+        let mut held: Option<Message> = None;
+        loop {
+            let msg = match held.take() {
+                Some(m) => m,
+                None => match &stage {
+                    // With a replica, a completed batch is news to write even when idle.
+                    Some(st) => {
+                        let c = *completed.borrow_and_update();
+                        if st.completion_is_new(c) && self.fatal().is_none() {
+                            self.replicate(&mut stage, Group::default(), c).await;
+                            continue;
+                        }
+                        tokio::select! {
+                            m = rx.recv() => match m { Some(m) => m, None => break },
+                            r = completed.changed() => {
+                                if r.is_err() {
+                                    // The engine is gone; finish what is queued.
+                                    match rx.recv().await { Some(m) => m, None => break }
+                                } else {
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    None => match rx.recv().await {
+                        Some(m) => m,
+                        None => break,
+                    },
+                },
             };
+            let mut group = Group::default();
+            Self::take(&mut group, msg).await;
+            if stage.is_some() {
+                while group.bytes < GROUP_MAX_BYTES {
+                    let Some(m) = Self::ready(&mut rx, &mut held) else {
+                        break;
+                    };
+                    Self::take(&mut group, m).await;
+                }
+                let c = *completed.borrow_and_update();
+                self.replicate(&mut stage, group, c).await;
+            } else {
+                self.resolve(group, None);
+            }
+        }
+    }
+
+    /// Writes the group's durable blocks and allocations to the replica, then resolves it. A
+    /// fenced process (or a damaged replica) fails the group and everything after: nothing more
+    /// is acknowledged.
+    async fn replicate(&self, stage: &mut Option<Stage>, group: Group, completed: Option<u64>) {
+        let Some(st) = stage.as_mut() else {
+            return self.resolve(group, None);
+        };
+        if let Some(f) = self.fatal() {
+            let f = f.to_string();
+            return self.fail_group(group, &f);
+        }
+        let blocks = group
+            .blocks
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(s, _)| s.block.clone())
+            .collect();
+        let requests = group.allocations.iter().map(|(r, _)| r.clone()).collect();
+        let first = st.next_block();
+        match st.write(blocks, requests, completed).await {
+            Ok(()) => self.resolve(group, Some(first)),
+            Err(e) => {
+                let msg = format!("{e}: acknowledging nothing more");
+                tracing::error!(error = %msg, "replica write refused");
+                let _ = self.fatal.set(msg.clone());
+                self.fail_group(group, &msg);
+            }
+        }
+    }
+
+    fn fail_group(&self, group: Group, msg: &str) {
+        for (s, _) in group.blocks {
             let Submitted {
-                append,
+                done,
+                permit,
+                metrics,
+                records,
+                receiver,
+                ..
+            } = *s;
+            self.metrics.blocks_pending.dec();
+            tracing::error!(%receiver, records, error = msg, "block not replicated: nothing of it is acknowledged");
+            metrics.store_failures.inc();
+            done.send_replace(Some(Err(StoreError::Storage(msg.to_string()))));
+            if let Some(p) = &permit {
+                metrics.pending_bytes.dec_by((p.num_permits() as u64) << 10);
+            }
+        }
+        for (_, tx) in group.allocations {
+            let _ = tx.send(Err(msg.to_string()));
+        }
+        for tx in group.flushes {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Completes a group: durable blocks join the unallocated set and their waiters are
+    /// acknowledged; failed ones fail the engine. `first` is the replica's number of the
+    /// group's first durable block, if replicated.
+    fn resolve(&self, group: Group, first: Option<u64>) {
+        let mut number = first;
+        for (s, result) in group.blocks {
+            let Submitted {
                 block,
                 receiver,
                 records,
@@ -306,11 +495,8 @@ impl BlockWriter {
                 done,
                 permit,
                 metrics,
+                ..
             } = *s;
-            let result = match append {
-                Some(a) => a.await,
-                None => continue,
-            };
             self.metrics.blocks_pending.dec();
             match result {
                 Ok(handle) => {
@@ -321,6 +507,10 @@ impl BlockWriter {
                             .push(BlockRef::in_wal(handle, records, receiver.clone()));
                         u.end = Some(handle.next_position());
                         u.checkpoints.insert(receiver, checkpoint);
+                        if let Some(n) = &mut number {
+                            *n += 1;
+                            u.replica_end = *n;
+                        }
                         self.metrics.unallocated_blocks.set(u.blocks.len() as u64);
                     }
                     metrics.records_stored.inc_by(u64::from(records));
@@ -343,6 +533,12 @@ impl BlockWriter {
                 metrics.pending_bytes.dec_by((p.num_permits() as u64) << 10);
             }
             drop(permit);
+        }
+        for (_, tx) in group.allocations {
+            let _ = tx.send(Ok(()));
+        }
+        for tx in group.flushes {
+            let _ = tx.send(());
         }
     }
 }

@@ -5,6 +5,7 @@
 //! fails for lack of space is kept as it is and tried again after the tracker is reopened.
 
 use super::*;
+use crate::replica::stage::AllocRequest;
 
 impl Engine {
     /// Allocates every durable, unallocated block to a new batch, commits, cleans up, and queues
@@ -92,6 +93,7 @@ impl Engine {
             checkpoints,
             ranges,
             positions,
+            replica_end: u.replica_end,
             completed_through: None,
             forget_before: None,
         }
@@ -106,6 +108,14 @@ impl Engine {
         self.metrics.batches_allocated.inc();
         if !p.positions.is_empty() {
             lock(&self.direct_positions).extend(p.positions);
+        }
+        if self.writer.replicating() {
+            let written = self.writer.replicate_allocation(AllocRequest {
+                time: p.time,
+                end: p.replica_end,
+                direct: crate::replica::Allocation::encode_direct(&p.ranges),
+            });
+            lock(&self.replicated).insert(p.time, written);
         }
         {
             let mut s = lock(&self.schedule);

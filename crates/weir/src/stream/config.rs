@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::rate::RateConfig;
+use crate::replica::ReplicationConfig;
 use crate::wal::WalConfig;
 use weir_receiver::ConfigError;
 
@@ -65,6 +66,12 @@ pub struct StreamingConfig {
     pub rate: RateConfig,
     /// The write-ahead log.
     pub wal: WalConfig,
+    /// Replicated acknowledgements (off when absent): a block is acknowledged only once it is
+    /// fsynced locally and durable on the replica, so that a node started with the same
+    /// `node_id` on a new machine gives back every acknowledged record (see
+    /// [`crate::replica`]). Requires `node_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationConfig>,
 }
 
 impl Default for StreamingConfig {
@@ -84,6 +91,7 @@ impl Default for StreamingConfig {
             receiver_stop_timeout_ms: 10_000,
             rate: RateConfig::default(),
             wal: WalConfig::default(),
+            replication: None,
         }
     }
 }
@@ -145,6 +153,17 @@ impl StreamingConfig {
                 "job_retry_max_ms",
                 "must be at least job_retry_initial_ms",
             ));
+        }
+        if let Some(r) = &self.replication {
+            if self.node_id.is_none() {
+                return Err(ConfigError::new(
+                    "node_id",
+                    "must be set when replication is on: a default derived from the host or the \
+                     data directory would change on a new machine, which could then not adopt \
+                     this node's replicated state",
+                ));
+            }
+            r.validate().map_err(|e| e.within("replication"))?;
         }
         self.rate.validate().map_err(|e| e.within("rate"))?;
         self.wal.validate().map_err(|e| e.within("wal"))

@@ -88,6 +88,16 @@ metric_set! {
         direct_records_read: counter = ("weir_direct_records_read", "Records read from direct sources' offset ranges (again on re-runs)."),
         direct_plan_failures: counter = ("weir_direct_plan_failures", "Direct-source range plans that failed or were refused."),
         direct_read_failures: counter = ("weir_direct_read_failures", "Failed reads of a batch's direct ranges (retried)."),
+        replica_writes: counter = ("weir_replica_writes", "Entries appended to the replica (one per WAL group commit, allocation or completion)."),
+        replica_bytes: counter = ("weir_replica_bytes", "Bytes appended to the replica."),
+        replica_failures: counter = ("weir_replica_failures", "Failed replica writes (retried; nothing acknowledged meanwhile)."),
+        replica_waiting: gauge = ("weir_replica_waiting", "1 while acknowledgements wait for the replica to accept a write."),
+        replica_fenced: counter = ("weir_replica_fenced", "Writes refused because another process took the node_id over."),
+        replica_trimmed: counter = ("weir_replica_entries_trimmed", "Replica entries deleted once no incomplete batch needed them."),
+        replica_epoch: gauge = ("weir_replica_epoch", "The epoch this process owns in the replica."),
+        adopted_blocks: counter = ("weir_adopted_blocks", "Blocks restored from the replica into an empty data directory."),
+        adopted_batches: counter = ("weir_adopted_batches", "Incomplete batches restored from the replica (re-run)."),
+        adoption_ms: gauge = ("weir_adoption_ms", "Duration of the last adoption from the replica, ms."),
     }
 }
 
@@ -121,6 +131,8 @@ pub struct Latencies {
     pub(crate) batch_processing: Histogram,
     /// Per batch: scheduling plus processing.
     pub(crate) batch_total: Histogram,
+    /// One replica write (an entry appended), successful attempts only.
+    pub(crate) replica_write: Histogram,
 }
 
 impl Default for Latencies {
@@ -130,12 +142,13 @@ impl Default for Latencies {
             batch_scheduling: Histogram::new(latency_buckets()),
             batch_processing: Histogram::new(latency_buckets()),
             batch_total: Histogram::new(latency_buckets()),
+            replica_write: Histogram::new(latency_buckets()),
         }
     }
 }
 
 impl Latencies {
-    const DECLARED: [(&'static str, &'static str); 4] = [
+    const DECLARED: [(&'static str, &'static str); 5] = [
         (
             "weir_store_to_durable_seconds",
             "From a store() call to its records being durable (fsynced), seconds.",
@@ -152,14 +165,19 @@ impl Latencies {
             "weir_batch_total_delay_seconds",
             "Scheduling delay plus processing of a batch, seconds.",
         ),
+        (
+            "weir_replica_write_seconds",
+            "One successful replica write, seconds.",
+        ),
     ];
 
-    fn all(&self) -> [&Histogram; 4] {
+    fn all(&self) -> [&Histogram; 5] {
         [
             &self.store_to_durable,
             &self.batch_scheduling,
             &self.batch_processing,
             &self.batch_total,
+            &self.replica_write,
         ]
     }
 }

@@ -39,6 +39,9 @@ use crate::block::{
     now_ms, BlockCache, BlockSource, BlockWriter, Generator, GeneratorLimits, Host,
 };
 use crate::rate::{PidRateEstimator, RateLimiter};
+use crate::replica::restore;
+use crate::replica::stage::Stage;
+use crate::replica::Replica;
 use crate::space::Place;
 use crate::tracker::{BlockRef, Commit, DirectRange, Tracker, TrackerError};
 use crate::wal::{CleanupThreshold, Storage, Wal, WalError, WalPosition};
@@ -97,6 +100,10 @@ pub enum EngineError {
         /// The error.
         source: std::io::Error,
     },
+    /// Replication: the replica is damaged, this data directory is stale, or this process was
+    /// fenced by a new owner of the `node_id`.
+    #[error("replication: {0}")]
+    Replica(String),
     /// A step is waiting for disk space (not fatal: nothing is lost, try again later).
     #[error("waiting for disk space: {0}")]
     NoSpace(String),
@@ -174,6 +181,7 @@ pub struct StreamingContext {
     direct: Vec<(Arc<str>, Arc<dyn DirectSource>)>,
     jobs: Vec<Job>,
     collectors: Vec<LabelledStats>,
+    replica: Option<Arc<dyn Replica>>,
 }
 
 impl std::fmt::Debug for StreamingContext {
@@ -196,6 +204,7 @@ impl StreamingContext {
             direct: Vec::new(),
             jobs: Vec::new(),
             collectors: Vec::new(),
+            replica: None,
         }
     }
 
@@ -221,6 +230,7 @@ impl StreamingContext {
             direct: Vec::new(),
             jobs: Vec::new(),
             collectors: Vec::new(),
+            replica: None,
         }
     }
 
@@ -248,6 +258,15 @@ impl StreamingContext {
         source: S,
     ) -> &mut Self {
         self.direct.push((name.into(), Arc::new(source)));
+        self
+    }
+
+    /// Replicates acknowledged blocks to `replica` (instead of the one `config.replication`
+    /// describes): for embedding weir with a replica of its own, e.g. an `object_store`
+    /// implementation other than S3. `node_id` must be set, and the context must have a data
+    /// directory ([`StreamingContext::new`]).
+    pub fn with_replica(&mut self, replica: Arc<dyn Replica>) -> &mut Self {
+        self.replica = Some(replica);
         self
     }
 
@@ -301,6 +320,7 @@ impl StreamingContext {
             direct,
             jobs,
             collectors,
+            replica,
         } = self;
         config.validate()?;
         let mut names = std::collections::HashSet::new();
@@ -321,6 +341,27 @@ impl StreamingContext {
             metrics.add_stats(c);
         }
         let cache = Arc::new(BlockCache::new(config.block_cache_bytes, metrics.clone()));
+        let replica = match (replica, &config.replication) {
+            (Some(r), _) => Some(r),
+            (None, Some(c)) => {
+                let id = config.node_id.as_deref().unwrap_or_default();
+                Some(c.open(id).map_err(|e| e.within("replication"))?)
+            }
+            (None, None) => None,
+        };
+        let prepared = match &replica {
+            Some(r) => {
+                let (StorageChoice::Dir(dir), Some(id)) = (&storage, config.node_id.as_deref())
+                else {
+                    return Err(EngineError::Config(ConfigError::new(
+                        "replication",
+                        "needs a data directory (StreamingContext::new) and an explicit node_id",
+                    )));
+                };
+                Some(restore::prepare(dir, id, r, &config.wal, &metrics).await?)
+            }
+            None => None,
+        };
         let rec = {
             let (config, cache, metrics) = (config.clone(), cache.clone(), metrics.clone());
             tokio::task::spawn_blocking(move || {
@@ -330,8 +371,36 @@ impl StreamingContext {
             .map_err(|e| EngineError::Recovery(format!("recovery task failed: {e}")))??
         };
         let wal = rec.wal.clone();
-        let (writer, writer_task) =
-            BlockWriter::start(wal.clone(), cache.clone(), metrics.clone(), rec.unallocated);
+        let completed = rec.state.completed_through;
+        let (completed_tx, completed_rx) = watch::channel(completed);
+        let mut rec = rec;
+        let (stage, replica_lock) = match (replica, prepared) {
+            (Some(r), Some(p)) => {
+                let snapshot = snapshot_of(&rec, &cache)?;
+                let stage = Stage::start(r, p.epoch, snapshot, metrics.clone())
+                    .await
+                    .map_err(|e| EngineError::Replica(e.to_string()))?;
+                rec.unallocated.replica_end = stage.next_block();
+                if let Some(marker) = p.adopting {
+                    // The snapshot holds everything adopted: the adoption is complete.
+                    std::fs::remove_file(&marker).map_err(|source| EngineError::Io {
+                        what: "removing",
+                        path: marker.clone(),
+                        source,
+                    })?;
+                }
+                (Some(stage), Some(p.lock))
+            }
+            _ => (None, None),
+        };
+        let (writer, writer_task) = BlockWriter::start(
+            wal.clone(),
+            cache.clone(),
+            metrics.clone(),
+            rec.unallocated,
+            stage,
+            completed_rx,
+        );
         let source = Arc::new(BlockSource::new(
             wal.clone(),
             cache.clone(),
@@ -358,7 +427,6 @@ impl StreamingContext {
             generators.push((name.clone(), g));
         }
         let retention = jobs.iter().map(|j| j.window).max().unwrap_or(1) - 1;
-        let completed = rec.state.completed_through;
         // Direct sources: where each stands, and the ranges of the batches on record (read
         // again when such a batch is processed or shown in a window).
         let direct_positions = direct
@@ -375,7 +443,6 @@ impl StreamingContext {
             .filter(|(t, _)| rec.batches.contains_key(t))
             .map(|(t, r)| (*t, Arc::from(r.as_slice())))
             .collect();
-        let (completed_tx, _) = watch::channel(completed);
         let (failure_tx, _) = watch::channel(None);
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let pid = generators
@@ -423,6 +490,8 @@ impl StreamingContext {
             direct,
             direct_positions: Mutex::new(direct_positions),
             batch_checkpoints: Mutex::new(BTreeMap::new()),
+            replicated: Mutex::new(HashMap::new()),
+            _replica_lock: replica_lock,
         });
         if let Some(c) = completed {
             metrics.last_completed_batch_ms.set(c);
@@ -502,6 +571,8 @@ struct PendingAlloc {
     checkpoints: BTreeMap<Arc<str>, Checkpoint>,
     ranges: Vec<DirectRange>,
     positions: Vec<(Arc<str>, Checkpoint)>,
+    /// With a replica: the batch's blocks end before this replica block number.
+    replica_end: u64,
     /// The completion part of the last commit attempt.
     completed_through: Option<u64>,
     forget_before: Option<u64>,
@@ -563,6 +634,54 @@ struct Engine {
     /// Per batch allocated in this run and not yet complete: each receiver's checkpoint as of
     /// its last block in the batch, handed to the receiver once the batch completes.
     batch_checkpoints: Mutex<BTreeMap<u64, BTreeMap<Arc<str>, Checkpoint>>>,
+    /// With a replica: per batch allocated in this run, its allocation's replica write (awaited
+    /// before the batch runs, so that a node adopting this one re-runs it with the same blocks).
+    replicated: Mutex<HashMap<u64, tokio::sync::oneshot::Receiver<Result<(), String>>>>,
+    /// The data directory's replica lock (see [`crate::replica`]), held while the engine lives.
+    _replica_lock: Option<Box<dyn crate::wal::LockGuard>>,
+}
+
+/// What the first replica write of this process restates: the batches to re-run with their
+/// blocks and direct ranges, the blocks of no batch, and the completed time.
+fn snapshot_of(
+    rec: &recovery::Recovered,
+    cache: &BlockCache,
+) -> Result<crate::replica::stage::Snapshot, EngineError> {
+    let bytes_of = |b: &BlockRef| -> Result<bytes::Bytes, EngineError> {
+        let Some(h) = b.location.wal() else {
+            return Err(EngineError::Recovery(
+                "a recovered block is not in the WAL".into(),
+            ));
+        };
+        match cache.get(&h) {
+            Some(bytes) => Ok(bytes),
+            None => Ok(rec.wal.read(h)?),
+        }
+    };
+    let mut batches = Vec::new();
+    for t in &rec.rerun {
+        let blocks = rec.batches.get(t).map_or(Ok(Vec::new()), |bs| {
+            bs.iter().map(bytes_of).collect::<Result<Vec<_>, _>>()
+        })?;
+        let direct = rec
+            .state
+            .direct
+            .get(t)
+            .map(|r| crate::replica::Allocation::encode_direct(r))
+            .unwrap_or_default();
+        batches.push((*t, blocks, direct));
+    }
+    let unallocated = rec
+        .unallocated
+        .blocks
+        .iter()
+        .map(bytes_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::replica::stage::Snapshot {
+        batches,
+        unallocated,
+        completed_through: rec.state.completed_through,
+    })
 }
 
 impl Engine {

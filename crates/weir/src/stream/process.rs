@@ -121,6 +121,18 @@ impl Engine {
     pub(super) async fn process(self: &Arc<Self>, t: u64) -> bool {
         let started = now_ms();
         let t0 = Instant::now();
+        // With a replica, the allocation is there before any output sees the batch.
+        let written = lock(&self.replicated).remove(&t);
+        if let Some(w) = written {
+            match w.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.fail(format!("recording batch {t} in the replica: {e}"));
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
         if !self.direct.is_empty() {
             let e = self.clone();
             let read = Arc::new(move || e.fetch_direct(t).map_err(StepError::from));
