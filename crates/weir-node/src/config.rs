@@ -282,9 +282,20 @@ impl NodeConfig {
         if let Some(id) = &self.node_id {
             weir::identity::validate_node_id(id).map_err(|e| format!("node_id {id:?}: {e}"))?;
         }
-        self.engine
-            .validate()
-            .map_err(|e| format!("[engine] {e}"))?;
+        if self.engine.replication.is_some() && self.node_id.is_none() {
+            return Err(
+                "node_id (top level) must be set when [engine.replication] is on: a \
+                        default derived from the host or the data directory would change on a \
+                        new machine, which could then not adopt this node's replicated state"
+                    .into(),
+            );
+        }
+        StreamingConfig {
+            node_id: self.node_id.clone(),
+            ..self.engine.clone()
+        }
+        .validate()
+        .map_err(|e| format!("[engine] {e}"))?;
         if self.receivers.is_empty() {
             return Err("no [[receiver]]: add at least one (see examples/*.toml)".into());
         }

@@ -80,7 +80,14 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         let out = output::Output::new(o)
             .map_err(|e| NodeError::Config(format!("[[output]] #{}: {e}", i + 1)))?
             .claiming(identity.clone());
-        match out.claim() {
+        // With replication, an empty data directory adopts the node's instance at the engine's
+        // start: the claim waits for the first write, after that.
+        let claimed = if config.engine.replication.is_some() {
+            Ok(())
+        } else {
+            out.claim()
+        };
+        match claimed {
             Ok(()) => {}
             Err(e @ weir::identity::IdentityError::Claimed(_)) => return Err(identity_error(e)),
             // A directory not writable yet (a mount not there yet): not a reason to refuse to

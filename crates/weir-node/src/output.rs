@@ -283,7 +283,15 @@ impl Output {
         if done.load(Relaxed) {
             return Ok(());
         }
-        weir::identity::claim_dir(path, identity)?;
+        // The instance as recorded now: a node adopting another's replicated state (see
+        // `weir::replica`) takes over that node's instance, and with it its claims.
+        let mut identity = identity.clone();
+        if let Ok(now) = weir::identity::peek(&identity.data_dir, Some(&identity.node_id)) {
+            if !now.instance.is_empty() {
+                identity.instance = now.instance;
+            }
+        }
+        weir::identity::claim_dir(path, &identity)?;
         done.store(true, Relaxed);
         Ok(())
     }

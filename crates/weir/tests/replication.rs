@@ -393,3 +393,64 @@ async fn a_directory_whose_node_id_was_adopted_elsewhere_is_refused_as_stale() {
     b.stop().await.unwrap();
     assert!(missing(&seen, 500).is_empty());
 }
+
+/// The replica on a real S3-compatible server (moto's, started once for this test binary),
+/// configured as a node configures it: take-over, appends, the fence, trimming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_s3_the_replica_takes_over_appends_fences_and_trims_on_an_s3_server() {
+    use weir::replica::ObjectStoreConfig;
+    use weir_testkit::peers::s3::{self, ACCESS_KEY, SECRET_KEY};
+    let server = s3::shared();
+    let _logs = server.logs_on_failure();
+    server.create_bucket("replica");
+    let config = ObjectStoreConfig {
+        bucket: "replica".into(),
+        endpoint: Some(server.endpoint()),
+        access_key_id: Some(ACCESS_KEY.into()),
+        secret_access_key: Some(SECRET_KEY.into()),
+        ..ObjectStoreConfig::default()
+    };
+    let first = ObjectStoreReplica::from_config(&config, "n1").unwrap();
+    let none = |_| Ok(());
+    let t = first.take_over("a", &none).await.unwrap();
+    assert_eq!((t.epoch, t.entries.len()), (1, 0));
+    let p1 = first
+        .append(Bytes::from_static(b"entry one, long enough"))
+        .await
+        .unwrap();
+    let second = ObjectStoreReplica::from_config(&config, "n1").unwrap();
+    let t = second.take_over("b", &none).await.unwrap();
+    assert_eq!(t.epoch, 2);
+    // The log holds the first owner's fence, then its entry.
+    assert_eq!(t.entries.len(), 2);
+    assert!(t.entries[0].starts_with(b"WEIRFENCE"));
+    assert_eq!(t.entries[1], Bytes::from_static(b"entry one, long enough"));
+    let owner = second.owner().await.unwrap().unwrap();
+    assert_eq!((owner.epoch, owner.instance.as_str()), (2, "b"));
+    // The first owner's next append collides with the fence.
+    match first
+        .append(Bytes::from_static(b"entry two, by a zombie"))
+        .await
+    {
+        Err(ReplicaError::Fenced {
+            new_epoch: 2,
+            our_epoch: 1,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let p2 = second
+        .append(Bytes::from_static(b"entry two, by the owner"))
+        .await
+        .unwrap();
+    assert!(p2 > p1 + 1, "the fence sits between them");
+    // Trimming deletes entries, never the fence.
+    assert_eq!(second.trim(p2).await.unwrap(), 1);
+    match first
+        .append(Bytes::from_static(b"entry two, by a zombie"))
+        .await
+    {
+        Err(ReplicaError::Fenced { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}

@@ -27,8 +27,11 @@ pub struct Plan {
     pub dir: Option<PathBuf>,
     /// The receiver-node binary; `None`: the one next to this binary.
     pub node: Option<PathBuf>,
-    /// Delete the data directory at every kill; each restart is a new node.
+    /// Delete the data directory at every kill; each restart is a new node (or, with a
+    /// replica, the same node adopting its replicated state).
     pub lose_disk: bool,
+    /// The node's `[engine.replication]` table, if any (the `node_id` then stays the same).
+    pub replication: Option<String>,
 }
 
 impl Plan {
@@ -93,19 +96,25 @@ pub fn run(
     let mut feed = open(&dir)?;
     let data = dir.join("data");
     let receiver = feed.receiver();
-    // With --lose-disk every restart is a new node: a new data directory and node id.
+    // With --lose-disk every restart is a new node: a new data directory and node id; with a
+    // replica, the same node_id on a new directory (the node adopts its replicated state).
     let write_config = |incarnation: u32| {
-        std::fs::write(
-            &config,
-            node::config(
-                &format!("crash-harness-{incarnation}"),
-                &data,
-                &receiver,
-                &out_dir,
-                maddr,
-            ),
-        )
-        .map_err(|e| e.to_string())
+        let incarnation = if plan.replication.is_some() {
+            0
+        } else {
+            incarnation
+        };
+        let mut text = node::config(
+            &format!("crash-harness-{incarnation}"),
+            &data,
+            &receiver,
+            &out_dir,
+            maddr,
+        );
+        if let Some(r) = &plan.replication {
+            text.push_str(r);
+        }
+        std::fs::write(&config, text).map_err(|e| e.to_string())
     };
     write_config(0)?;
     println!(

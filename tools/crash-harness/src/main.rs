@@ -147,6 +147,15 @@ struct Opts {
     /// batch are reported MISSING.
     #[arg(long)]
     lose_disk: bool,
+    /// Replicate acknowledged blocks to this S3-compatible endpoint (`http://127.0.0.1:9000`)
+    /// before acknowledging them (`[engine.replication] kind = "object_store"`); credentials
+    /// from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`. With `--lose-disk`, each restart is
+    /// the same `node_id` on an empty data directory, which adopts the replicated state.
+    #[arg(long, value_name = "URL", requires = "replica_bucket")]
+    replica_endpoint: Option<String>,
+    /// The replica's bucket (must exist).
+    #[arg(long, value_name = "NAME", requires = "replica_endpoint")]
+    replica_bucket: Option<String>,
     /// A real Kafka cluster to use instead of the in-process mock (Kafka source): a new topic
     /// of `--partitions` partitions, replicated to up to 3 brokers, is created there.
     #[arg(long, value_name = "HOST:PORT")]
@@ -174,6 +183,12 @@ fn run(o: &Opts) -> Result<bool, String> {
         dir: o.dir.clone(),
         node: o.node.clone(),
         lose_disk: o.lose_disk,
+        replication: o.replica_endpoint.as_ref().map(|e| {
+            format!(
+                "\n[engine.replication]\nkind = \"object_store\"\nendpoint = {e:?}\nbucket = {:?}\n",
+                o.replica_bucket.as_deref().unwrap_or_default()
+            )
+        }),
     };
     plan.check()?;
     if o.source == Source::Kafka {

@@ -12,7 +12,12 @@ const HARNESS: &str = env!("CARGO_BIN_EXE_crash-harness");
 /// failing the test (with the node's log) unless it passed with nothing acknowledged missing,
 /// nothing corrupt and the kills done.
 fn harness_passes(args: &[&str], kills: u32) -> String {
-    let (out, report, dir) = harness(args, kills);
+    harness_passes_with(args, kills, &[])
+}
+
+/// As [`harness_passes`], with `env` set for the harness and the nodes it starts.
+fn harness_passes_with(args: &[&str], kills: u32, env: &[(&str, &str)]) -> String {
+    let (out, report, dir) = harness_with(args, kills, env);
     assert!(
         out.status.success(),
         "{report}\n{}\nnode log:\n{}",
@@ -132,9 +137,18 @@ fn without_a_replica_the_crash_harness_reports_what_a_lost_disk_lost() {
 /// Runs the crash harness with `args`, `--kills`, `--node` and a fresh `--dir`: its exit, its
 /// report and the directory (kept until dropped).
 fn harness(args: &[&str], kills: u32) -> (std::process::Output, String, tempfile::TempDir) {
+    harness_with(args, kills, &[])
+}
+
+fn harness_with(
+    args: &[&str],
+    kills: u32,
+    env: &[(&str, &str)],
+) -> (std::process::Output, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let out = Command::new(HARNESS)
+        .envs(env.iter().copied())
         .args(args)
         .args(["--kills", &kills.to_string(), "--node"])
         .arg(cargo_bin("receiver-node"))
@@ -184,5 +198,44 @@ mod real_kafka {
         );
         assert!(report.contains("source kafka"), "{report}");
         assert!(super::delivered(&report) > 1000, "{report}");
+    }
+}
+
+mod real_s3 {
+    use weir_testkit::peers::s3::{self, ACCESS_KEY, REGION, SECRET_KEY};
+
+    /// `--lose-disk` with an object-store replica (moto's S3 server, started once for this test
+    /// binary): every kill deletes the data directory, the restart is the same `node_id` on an
+    /// empty one, adopts the replicated state, and nothing acknowledged is missing.
+    #[test]
+    fn with_an_object_store_replica_the_crash_harness_loses_the_disk_at_each_kill_and_nothing_acknowledged(
+    ) {
+        let server = s3::shared();
+        let _logs = server.logs_on_failure();
+        server.create_bucket("harness-replica");
+        let endpoint = server.endpoint();
+        let report = super::harness_passes_with(
+            &[
+                "--lose-disk",
+                "--replica-endpoint",
+                &endpoint,
+                "--replica-bucket",
+                "harness-replica",
+                "--seed",
+                "4",
+                "--min-ms",
+                "300",
+                "--max-ms",
+                "900",
+            ],
+            3,
+            // The nodes inherit the credentials.
+            &[
+                ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+                ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+                ("AWS_REGION", REGION),
+            ],
+        );
+        assert!(report.contains("data directory deleted"), "{report}");
     }
 }

@@ -164,7 +164,6 @@ impl ObjectStoreReplica {
                 .as_deref()
                 .is_some_and(|e| e.starts_with("http://"))
         });
-        b = b.with_allow_http(allow_http);
         let region = c
             .region
             .clone()
@@ -189,7 +188,9 @@ impl ObjectStoreReplica {
                 ClientOptions::new()
                     .with_timeout(Duration::from_millis(c.request_timeout_ms))
                     .with_connect_timeout(Duration::from_millis(c.request_timeout_ms.min(5_000))),
-            );
+            )
+            // After the client options, which would reset it.
+            .with_allow_http(allow_http);
         let s3: AmazonS3 = b
             .build()
             .map_err(|e| ConfigError::new("endpoint", e.to_string()))?;
