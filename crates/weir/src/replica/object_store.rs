@@ -54,8 +54,8 @@ pub struct ObjectStoreConfig {
     /// Access key id (default from the environment).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_key_id: Option<String>,
-    /// Secret access key (default from the environment).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Secret access key (default from the environment). Never printed (`check-config`).
+    #[serde(skip_serializing)]
     pub secret_access_key: Option<String>,
     /// Allow plain-text HTTP to the endpoint. Default: true if the endpoint starts with
     /// `http://`.
