@@ -18,8 +18,10 @@
 #![warn(missing_docs)]
 
 mod direct;
+pub mod replica;
 mod stats;
 pub use direct::{DirectStats, KafkaDirectSource};
+pub use replica::KafkaReplica;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

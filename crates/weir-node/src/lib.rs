@@ -70,6 +70,12 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
     let mut engine = config.engine.clone();
     engine.node_id = Some(identity.node_id.clone());
     let mut ctx = StreamingContext::new(engine, &config.data_dir);
+    // A Kafka replica comes from weir-kafka (the engine does not link librdkafka).
+    if let Some(weir::replica::ReplicationConfig::Kafka(k)) = &config.engine.replication {
+        let r = weir_kafka::replica::replica(k, &identity.node_id)
+            .map_err(|e| NodeError::Config(format!("[engine.replication] {e}")))?;
+        ctx.with_replica(r);
+    }
     for r in &config.receivers {
         r.kind
             .add_to(&r.name, &mut ctx)

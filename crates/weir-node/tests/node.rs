@@ -1,13 +1,14 @@
 //! The `receiver-node` daemon, run as real processes.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weir_testkit::{
-    cargo_bin, free_port, http_get, python, sigterm, wait_until, workspace_root, Node,
+    cargo_bin, frames_producer, free_port, http_get, python, sigterm, wait_until, workspace_root,
+    Node,
 };
 
 fn spawn_node(config: &Path) -> Node {
@@ -771,64 +772,6 @@ fn a_flume_pull_receiver_polls_a_spark_sink_and_batches_show_bodies_and_headers(
     let _ = sink.wait();
 }
 
-/// A `frames` producer: sends `prefix-<i>` for i in `0..total` in chunks, reads the node's
-/// cumulative acknowledgements, reconnects after a broken connection (the node was killed) and
-/// resends whatever was not acknowledged. Returns the records acknowledged, in order.
-fn frames_producer(
-    port: u16,
-    prefix: &str,
-    total: usize,
-    acked_count: &std::sync::atomic::AtomicUsize,
-) -> Vec<String> {
-    use std::sync::atomic::Ordering::SeqCst;
-    let records: Vec<String> = (0..total).map(|i| format!("{prefix}-{i}")).collect();
-    let mut next = 0; // the first record not acknowledged yet
-    let t0 = Instant::now();
-    let mut conn: Option<TcpStream> = None;
-    while next < total {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "{prefix}: only {next} of {total} acknowledged"
-        );
-        let Some(s) = conn.as_mut() else {
-            match TcpStream::connect(("127.0.0.1", port)) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    conn = Some(s);
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-            continue;
-        };
-        // One chunk on a fresh count: acknowledgements count this connection's records.
-        let chunk = &records[next..(next + 100).min(total)];
-        let mut frames = Vec::new();
-        for r in chunk {
-            frames.extend_from_slice(&(r.len() as u32).to_be_bytes());
-            frames.extend_from_slice(r.as_bytes());
-        }
-        let mut ok = s.write_all(&frames).is_ok();
-        let mut acked = 0usize;
-        while ok && acked < chunk.len() {
-            let mut b = [0u8; 8];
-            match s.read_exact(&mut b) {
-                Ok(()) => acked = u64::from_be_bytes(b) as usize,
-                Err(_) => ok = false,
-            }
-        }
-        next += acked.min(chunk.len());
-        acked_count.store(next, SeqCst);
-        // A fresh connection per chunk keeps the cumulative count simple to reason about.
-        conn = None;
-        if !ok {
-            std::thread::sleep(Duration::from_millis(50));
-        } else {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    records
-}
-
 /// Every `jsonl` record in `dir`'s batch files, as (file node id, record node, payload).
 fn shared_records(dir: &Path) -> Vec<(String, String, String)> {
     let mut v = Vec::new();
@@ -856,7 +799,7 @@ fn shared_records(dir: &Path) -> Vec<(String, String, String)> {
 
 #[test]
 fn two_nodes_sharing_an_output_directory_keep_every_acknowledged_record_across_a_kill() {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
     let dir = tempfile::tempdir().unwrap();
     let shared = dir.path().join("shared-out");
     let write_config = |name: &str, node_id: Option<&str>, data: &str, port: u16| {
@@ -883,9 +826,10 @@ fn two_nodes_sharing_an_output_directory_keep_every_acknowledged_record_across_a
     let b = spawn_node(&cfg_b);
     let (acked_a, acked_b) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let total = 3000;
+    let (at_a, at_b) = (AtomicU16::new(port_a), AtomicU16::new(port_b));
     let (sent_a, sent_b) = std::thread::scope(|s| {
-        let pa = s.spawn(|| frames_producer(port_a, "a", total, &acked_a));
-        let pb = s.spawn(|| frames_producer(port_b, "b", total, &acked_b));
+        let pa = s.spawn(|| frames_producer(&at_a, "a", total, &acked_a));
+        let pb = s.spawn(|| frames_producer(&at_b, "b", total, &acked_b));
         // Kill a in the middle of its stream (no drain), then start it again.
         wait_until(
             "a third of a's records acknowledged",
@@ -1045,8 +989,9 @@ fn a_full_disk_stalls_producers_without_acks_and_the_node_continues_by_itself() 
     let total = 20_000;
     let acked = AtomicUsize::new(0);
     let alive = |node: &mut Node| node.0.try_wait().unwrap().is_none();
+    let at = std::sync::atomic::AtomicU16::new(port);
     let sent = std::thread::scope(|s| {
-        let producer = s.spawn(|| frames_producer(port, &prefix, total, &acked));
+        let producer = s.spawn(|| frames_producer(&at, &prefix, total, &acked));
         wait_until("3,000 acknowledged", Duration::from_secs(60), || {
             acked.load(SeqCst) >= 3_000
         });

@@ -292,3 +292,63 @@ pub async fn start(ctx: impl Fn() -> StreamingContext) -> weir::stream::RunningC
     }
     panic!("the data directory stayed locked");
 }
+
+/// A `frames` producer: sends `prefix-<i>` for i in `0..total` in chunks, reads the node's
+/// cumulative acknowledgements, reconnects after a broken connection (the node was killed) and
+/// resends whatever was not acknowledged; each connection goes to the port `port` holds then
+/// (a test moves it to another node). Returns the records, all acknowledged.
+pub fn frames_producer(
+    port: &std::sync::atomic::AtomicU16,
+    prefix: &str,
+    total: usize,
+    acked_count: &std::sync::atomic::AtomicUsize,
+) -> Vec<String> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let records: Vec<String> = (0..total).map(|i| format!("{prefix}-{i}")).collect();
+    let mut next = 0; // the first record not acknowledged yet
+    let t0 = Instant::now();
+    let mut conn: Option<TcpStream> = None;
+    while next < total {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{prefix}: only {next} of {total} acknowledged"
+        );
+        let Some(s) = conn.as_mut() else {
+            match TcpStream::connect(("127.0.0.1", port.load(std::sync::atomic::Ordering::SeqCst)))
+            {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    conn = Some(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+            continue;
+        };
+        // One chunk on a fresh count: acknowledgements count this connection's records.
+        let chunk = &records[next..(next + 100).min(total)];
+        let mut frames = Vec::new();
+        for r in chunk {
+            frames.extend_from_slice(&(r.len() as u32).to_be_bytes());
+            frames.extend_from_slice(r.as_bytes());
+        }
+        let mut ok = s.write_all(&frames).is_ok();
+        let mut acked = 0usize;
+        while ok && acked < chunk.len() {
+            let mut b = [0u8; 8];
+            match s.read_exact(&mut b) {
+                Ok(()) => acked = u64::from_be_bytes(b) as usize,
+                Err(_) => ok = false,
+            }
+        }
+        next += acked.min(chunk.len());
+        acked_count.store(next, SeqCst);
+        // A fresh connection per chunk keeps the cumulative count simple to reason about.
+        conn = None;
+        if !ok {
+            std::thread::sleep(Duration::from_millis(50));
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    records
+}

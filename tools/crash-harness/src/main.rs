@@ -151,11 +151,21 @@ struct Opts {
     /// before acknowledging them (`[engine.replication] kind = "object_store"`); credentials
     /// from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`. With `--lose-disk`, each restart is
     /// the same `node_id` on an empty data directory, which adopts the replicated state.
-    #[arg(long, value_name = "URL", requires = "replica_bucket")]
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "replica_bucket",
+        conflicts_with = "replica_kafka"
+    )]
     replica_endpoint: Option<String>,
     /// The replica's bucket (must exist).
     #[arg(long, value_name = "NAME", requires = "replica_endpoint")]
     replica_bucket: Option<String>,
+    /// Replicate acknowledged blocks to a topic of this Kafka cluster instead
+    /// (`[engine.replication] kind = "kafka"`; the topic `weir-replica.<node_id>` is created
+    /// with 3 replicas, or as many as there are brokers).
+    #[arg(long, value_name = "HOST:PORT")]
+    replica_kafka: Option<String>,
     /// A real Kafka cluster to use instead of the in-process mock (Kafka source): a new topic
     /// of `--partitions` partitions, replicated to up to 3 brokers, is created there.
     #[arg(long, value_name = "HOST:PORT")]
@@ -183,12 +193,16 @@ fn run(o: &Opts) -> Result<bool, String> {
         dir: o.dir.clone(),
         node: o.node.clone(),
         lose_disk: o.lose_disk,
-        replication: o.replica_endpoint.as_ref().map(|e| {
-            format!(
+        replication: match (&o.replica_endpoint, &o.replica_kafka) {
+            (Some(e), _) => Some(format!(
                 "\n[engine.replication]\nkind = \"object_store\"\nendpoint = {e:?}\nbucket = {:?}\n",
                 o.replica_bucket.as_deref().unwrap_or_default()
-            )
-        }),
+            )),
+            (None, Some(b)) => Some(format!(
+                "\n[engine.replication]\nkind = \"kafka\"\nbootstrap_servers = {b:?}\n"
+            )),
+            (None, None) => None,
+        },
     };
     plan.check()?;
     if o.source == Source::Kafka {

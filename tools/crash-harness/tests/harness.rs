@@ -239,3 +239,68 @@ mod real_s3 {
         assert!(report.contains("data directory deleted"), "{report}");
     }
 }
+
+mod real_kafka_replica {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use weir_testkit::cargo_bin;
+    use weir_testkit::peers::kafka::KafkaCluster;
+
+    /// `--lose-disk` with a Kafka replica on a three-broker cluster: every kill deletes the data
+    /// directory and the restart adopts from the replica topic, while one broker (at first the
+    /// leader of the replica topic's partition, or any) is killed during ingest and restarted
+    /// later. Nothing acknowledged is missing.
+    #[test]
+    fn with_a_kafka_replica_on_three_brokers_a_lost_disk_and_a_lost_broker_lose_nothing() {
+        let mut cluster = KafkaCluster::start(3);
+        let _logs = cluster.logs_on_failure();
+        let bootstrap = cluster.bootstrap();
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let child = Command::new(super::HARNESS)
+            .args([
+                "--lose-disk",
+                "--replica-kafka",
+                &bootstrap,
+                "--seed",
+                "8",
+                "--min-ms",
+                "1500",
+                "--max-ms",
+                "3000",
+                "--kills",
+                "3",
+                "--node",
+            ])
+            .arg(cargo_bin("receiver-node"))
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A broker goes down a few seconds in (the node is ingesting by then) and comes back.
+        std::thread::sleep(Duration::from_secs(4));
+        let victim = cluster.broker_ids()[1];
+        cluster.kill(victim);
+        std::thread::sleep(Duration::from_secs(5));
+        cluster.restart(victim);
+        let out = child.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).to_string();
+        eprintln!("{report}(in {:?})", t0.elapsed());
+        assert!(
+            out.status.success(),
+            "{report}\n{}\nnode log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+        );
+        for want in [
+            "MISSING (acknowledged, not in output): 0",
+            "data directory deleted",
+            "result: PASS",
+        ] {
+            assert!(report.contains(want), "{want}: {report}");
+        }
+    }
+}

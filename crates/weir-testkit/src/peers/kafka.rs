@@ -260,6 +260,9 @@ fn cluster_id() -> String {
         x ^= x << 17;
         bits.push(B64[(x % 64) as usize]);
     }
+    // Not a leading '-': kafka-storage's argument parser would take the id for an option
+    // ("argument --cluster-id/-t: expected one argument"; one start in 64 failed so).
+    bits[0] = B64[(seed % 52) as usize];
     // 22 characters carry 132 bits; the last must leave the 4 padding bits zero.
     let last = bits.len() - 1;
     bits[last] = B64[(x % 4 * 16) as usize];

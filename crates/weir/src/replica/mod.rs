@@ -53,6 +53,93 @@ const MAGIC: &[u8; 8] = b"WEIRREP1";
 pub enum ReplicationConfig {
     /// S3-compatible object storage (see [`ObjectStoreConfig`]).
     ObjectStore(ObjectStoreConfig),
+    /// A Kafka topic (see [`KafkaReplicaConfig`]; implemented by `weir-kafka`).
+    Kafka(KafkaReplicaConfig),
+}
+
+/// `[engine.replication]` with `kind = "kafka"`: entries are appended to a topic of their own,
+/// one Kafka transaction each, by a transactional producer with `transactional.id =
+/// weir-replica-<node_id>` (so that a new owner's `init_transactions` fences the previous one).
+/// The engine does not link librdkafka: `weir_kafka::KafkaReplica` implements it, and
+/// `receiver-node` wires it in (with the library, pass it to
+/// [`StreamingContext::with_replica`](crate::StreamingContext::with_replica)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaReplicaConfig {
+    /// `bootstrap.servers`. Required.
+    pub bootstrap_servers: String,
+    /// The topic, used by this node alone (its partition 0). Default
+    /// `weir-replica.<node_id>`. Created if missing with `replication_factor` replicas,
+    /// `min.insync.replicas = 2` and no time or size retention.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Replicas of a topic this node creates. Default 3.
+    pub replication_factor: i32,
+    /// Start even if the topic has fewer than 2 replicas or `min.insync.replicas` below 2
+    /// (then one broker's loss can lose acknowledged records). Default false.
+    pub allow_unreplicated: bool,
+    /// How long a replica write (one transaction) may take before it is retried, ms. Default
+    /// 10000.
+    pub request_timeout_ms: u64,
+    /// librdkafka producer properties passed through (security, SASL, SSL, ...).
+    /// `transactional.id`, `enable.idempotence` and `acks` are set by weir.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaReplicaConfig {
+    fn default() -> Self {
+        KafkaReplicaConfig {
+            bootstrap_servers: String::new(),
+            topic: None,
+            replication_factor: 3,
+            allow_unreplicated: false,
+            request_timeout_ms: 10_000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaReplicaConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// The first problem, naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.bootstrap_servers.is_empty() {
+            return Err(ConfigError::new("bootstrap_servers", "is required"));
+        }
+        if self.replication_factor < 1 {
+            return Err(ConfigError::new("replication_factor", "must be at least 1"));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "request_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        for k in [
+            "transactional.id",
+            "enable.idempotence",
+            "acks",
+            "bootstrap.servers",
+        ] {
+            if self.properties.contains_key(k) {
+                return Err(ConfigError::new(
+                    format!("properties.{k}"),
+                    "is set by weir for the replica's transactions",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic for `node_id`.
+    #[must_use]
+    pub fn topic_for(&self, node_id: &str) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("weir-replica.{node_id}"))
+    }
 }
 
 impl ReplicationConfig {
@@ -63,6 +150,7 @@ impl ReplicationConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self {
             ReplicationConfig::ObjectStore(c) => c.validate(),
+            ReplicationConfig::Kafka(c) => c.validate(),
         }
     }
 
@@ -75,6 +163,11 @@ impl ReplicationConfig {
             ReplicationConfig::ObjectStore(c) => {
                 Ok(Arc::new(ObjectStoreReplica::from_config(c, node_id)?))
             }
+            ReplicationConfig::Kafka(_) => Err(ConfigError::new(
+                "kind",
+                "\"kafka\" is implemented by weir-kafka (weir_kafka::KafkaReplica): pass one to \
+                 StreamingContext::with_replica (receiver-node does)",
+            )),
         }
     }
 }
@@ -98,6 +191,10 @@ pub enum ReplicaError {
     /// The replica holds something this process cannot use (a damaged entry, a gap).
     #[error("the replica is damaged: {0}")]
     Damaged(String),
+    /// The replica is not fit to hold acknowledgements (too few replicas, a compacted topic):
+    /// the node refuses to start.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A boxed future of a replica operation.

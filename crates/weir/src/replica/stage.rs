@@ -164,7 +164,11 @@ impl Stage {
                     m.latency.replica_write.observe(t0.elapsed().as_secs_f64());
                     break pos;
                 }
-                Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::Damaged(_))) => {
+                Err(
+                    e @ (ReplicaError::Fenced { .. }
+                    | ReplicaError::Damaged(_)
+                    | ReplicaError::Refused(_)),
+                ) => {
                     if matches!(e, ReplicaError::Fenced { .. }) {
                         m.replica_fenced.inc();
                     }

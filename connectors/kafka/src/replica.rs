@@ -1,0 +1,526 @@
+//! The replica on a Kafka topic ([`KafkaReplica`], `[engine.replication] kind = "kafka"`; the
+//! engine's side is `weir::replica`).
+//!
+//! - One topic per node, partition 0: records keyed by `node_id`, each with a header
+//!   `weir-replica` saying what it is: `owner` (JSON: epoch and instance) or `entry i/n` (part i
+//!   of an entry split into n records of at most 512 KiB, under the brokers' default
+//!   `message.max.bytes`).
+//! - Every append is one transaction of a producer with `transactional.id =
+//!   weir-replica-<node_id>`, `acks=all` and idempotence, so an entry is all there or not at all
+//!   for a `read_committed` reader. Taking over calls `init_transactions` with the same id,
+//!   which fences the previous owner: its next transaction fails (`PRODUCER_FENCED`), and it
+//!   acknowledges nothing more. Whatever it committed before is read back by the new owner.
+//! - The owner record is written at every take-over and again before a trim would delete the
+//!   last one, so the topic always says who owns it.
+//! - At start the topic is created if missing (`replication_factor` replicas,
+//!   `min.insync.replicas = 2`, no retention by time or size) and checked: at least 2 replicas
+//!   and `min.insync.replicas` ≥ 2 unless `allow_unreplicated`, and never compacted (every
+//!   record has the same key: compaction would keep only the last).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use weir::replica::{KafkaReplicaConfig, Owner, Replica, ReplicaError, ReplicaFuture, TakenOver};
+
+use crate::lock;
+
+const HEADER: &str = "weir-replica";
+const PART_MAX: usize = 512 << 10;
+
+/// A node's replica in a Kafka topic (see the module docs).
+pub struct KafkaReplica {
+    config: KafkaReplicaConfig,
+    node_id: String,
+    topic: String,
+    producer: Mutex<Option<FutureProducer>>,
+    /// One transaction at a time (appends, and the owner record a trim restates).
+    txn: tokio::sync::Mutex<()>,
+    epoch: AtomicU64,
+    /// The offset of the last owner record written by this process.
+    owner_at: AtomicU64,
+}
+
+impl std::fmt::Debug for KafkaReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+fn unavailable(what: &str) -> impl FnOnce(KafkaError) -> ReplicaError + '_ {
+    move |e| ReplicaError::Unavailable(format!("{what}: {e}"))
+}
+
+fn join_error(e: tokio::task::JoinError) -> ReplicaError {
+    ReplicaError::Unavailable(format!("a replica task failed: {e}"))
+}
+
+/// What a record of the topic is.
+enum Kind {
+    Owner,
+    Part(u32, u32),
+}
+
+fn kind(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<Kind> {
+    let headers = m.headers()?;
+    let h = headers.iter().find(|h| h.key == HEADER)?;
+    let v = std::str::from_utf8(h.value?).ok()?;
+    if v == "owner" {
+        return Some(Kind::Owner);
+    }
+    let (i, n) = v.strip_prefix("entry ")?.split_once('/')?;
+    Some(Kind::Part(i.parse().ok()?, n.parse().ok()?))
+}
+
+/// Everything committed in the topic for this node, in order.
+struct Contents {
+    owner: Option<Owner>,
+    entries: Vec<Bytes>,
+}
+
+impl KafkaReplica {
+    /// The replica `config` describes for `node_id`; connects nothing yet (the topic is checked
+    /// when the node takes over).
+    ///
+    /// # Errors
+    /// An invalid configuration.
+    pub fn new(
+        config: &KafkaReplicaConfig,
+        node_id: &str,
+    ) -> Result<Self, weir::receiver::ConfigError> {
+        config.validate()?;
+        Ok(KafkaReplica {
+            topic: config.topic_for(node_id),
+            config: config.clone(),
+            node_id: node_id.to_string(),
+            producer: Mutex::new(None),
+            txn: tokio::sync::Mutex::new(()),
+            epoch: AtomicU64::new(0),
+            owner_at: AtomicU64::new(0),
+        })
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &self.config.bootstrap_servers);
+        c
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.request_timeout_ms)
+    }
+
+    /// Creates the topic if missing, then checks it (see the module docs).
+    async fn ensure_topic(&self) -> Result<(), ReplicaError> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config()
+            .create()
+            .map_err(unavailable("creating an admin client"))?;
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout()));
+        let probe: BaseConsumer = self
+            .client_config()
+            .create()
+            .map_err(unavailable("creating a metadata client"))?;
+        let (topic, timeout) = (self.topic.clone(), self.timeout());
+        let (probe, meta) = tokio::task::spawn_blocking(move || {
+            let m = probe.fetch_metadata(Some(&topic), timeout);
+            (probe, m)
+        })
+        .await
+        .map_err(join_error)?;
+        let meta = meta.map_err(unavailable("reading the topic's metadata"))?;
+        let exists = meta
+            .topics()
+            .first()
+            .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            let brokers = meta.brokers().len() as i32;
+            let rf = self.config.replication_factor.min(brokers.max(1));
+            let min_isr = if rf >= 2 { "2" } else { "1" };
+            let t = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(rf))
+                .set("min.insync.replicas", min_isr)
+                .set("retention.ms", "-1")
+                .set("retention.bytes", "-1")
+                .set("cleanup.policy", "delete");
+            let r = admin
+                .create_topics([&t], &opts)
+                .await
+                .map_err(unavailable("creating the topic"))?;
+            for r in r {
+                match r {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((t, e)) => {
+                        return Err(ReplicaError::Unavailable(format!(
+                            "creating topic {t}: {e}"
+                        )))
+                    }
+                }
+            }
+            tracing::info!(topic = %self.topic, replication_factor = rf, "created the replica topic");
+        }
+        // Replicas per partition, from fresh metadata (a new topic's leader takes a moment).
+        let topic = self.topic.clone();
+        let replicas = tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            loop {
+                let m = probe
+                    .fetch_metadata(Some(&topic), timeout)
+                    .map_err(unavailable("reading the topic's metadata"))?;
+                let p0 = m
+                    .topics()
+                    .first()
+                    .and_then(|t| t.partitions().first())
+                    .filter(|p| p.leader() >= 0)
+                    .map(|p| p.replicas().len());
+                match p0 {
+                    Some(n) => return Ok(n),
+                    None if t0.elapsed() < timeout => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    None => {
+                        return Err(ReplicaError::Unavailable(format!(
+                            "topic {topic} has no leader for partition 0 yet"
+                        )))
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(join_error)??;
+        let configs = admin
+            .describe_configs([&ResourceSpecifier::Topic(&self.topic)], &opts)
+            .await
+            .map_err(unavailable("reading the topic's configuration"))?;
+        let mut min_isr = 1i64;
+        let mut compacted = false;
+        for c in configs.into_iter().flatten() {
+            for e in &c.entries {
+                match (e.name.as_str(), e.value.as_deref()) {
+                    ("min.insync.replicas", Some(v)) => min_isr = v.parse().unwrap_or(1),
+                    ("cleanup.policy", Some(v)) => compacted = v.contains("compact"),
+                    _ => {}
+                }
+            }
+        }
+        if compacted {
+            return Err(ReplicaError::Refused(format!(
+                "the replica topic {} is compacted (cleanup.policy): every record has the key \
+                 node_id, so compaction would keep only the last; use cleanup.policy=delete",
+                self.topic
+            )));
+        }
+        if (replicas < 2 || min_isr < 2) && !self.config.allow_unreplicated {
+            return Err(ReplicaError::Refused(format!(
+                "the replica topic {} has {replicas} replica(s) and min.insync.replicas = \
+                 {min_isr}: an acknowledged record could be lost with one broker. Use a topic \
+                 with at least 2 replicas and min.insync.replicas >= 2, or set \
+                 allow_unreplicated = true",
+                self.topic
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads every committed record of partition 0 for this node.
+    async fn read(&self) -> Result<Contents, ReplicaError> {
+        let mut c = self.client_config();
+        c.set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("group.id", format!("weir-replica-reader.{}", self.node_id));
+        let consumer: BaseConsumer = c.create().map_err(unavailable("creating a reader"))?;
+        let (topic, node_id, timeout) = (self.topic.clone(), self.node_id.clone(), self.timeout());
+        tokio::task::spawn_blocking(move || -> Result<Contents, ReplicaError> {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, 0, timeout)
+                .map_err(unavailable("reading the topic's offsets"))?;
+            let mut out = Contents {
+                owner: None,
+                entries: Vec::new(),
+            };
+            if high <= low {
+                return Ok(out);
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, 0, Offset::Offset(low))
+                .map_err(unavailable("assigning the partition"))?;
+            consumer
+                .assign(&tpl)
+                .map_err(unavailable("assigning the partition"))?;
+            let mut parts: Vec<u8> = Vec::new();
+            let mut expect = 0u32;
+            let deadline = std::time::Instant::now() + timeout * 6;
+            loop {
+                if std::time::Instant::now() > deadline {
+                    return Err(ReplicaError::Unavailable(
+                        "reading the replica topic took too long".into(),
+                    ));
+                }
+                let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let m = match m {
+                    Ok(m) => m,
+                    Err(KafkaError::PartitionEOF(_)) => break,
+                    Err(e) => return Err(unavailable("reading the replica topic")(e)),
+                };
+                if m.key() != Some(node_id.as_bytes()) {
+                    return Err(ReplicaError::Refused(format!(
+                        "the replica topic {topic} holds records of another node (offset {}): \
+                         each node needs a topic of its own",
+                        m.offset()
+                    )));
+                }
+                let payload = m.payload().unwrap_or_default();
+                match kind(&m) {
+                    Some(Kind::Owner) => {
+                        out.owner = Some(serde_json::from_slice(payload).map_err(|e| {
+                            ReplicaError::Damaged(format!("owner record at {}: {e}", m.offset()))
+                        })?);
+                    }
+                    Some(Kind::Part(i, n)) if i == expect && i < n => {
+                        parts.extend_from_slice(payload);
+                        expect += 1;
+                        if expect == n {
+                            out.entries.push(Bytes::from(std::mem::take(&mut parts)));
+                            expect = 0;
+                        }
+                    }
+                    _ => {
+                        return Err(ReplicaError::Damaged(format!(
+                            "unexpected record at offset {} of {topic}",
+                            m.offset()
+                        )))
+                    }
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    fn producer(&self) -> Result<FutureProducer, ReplicaError> {
+        lock(&self.producer)
+            .clone()
+            .ok_or_else(|| ReplicaError::Unavailable("the replica has not been taken over".into()))
+    }
+
+    /// Maps a transaction error: fenced (or any other fatal producer error) ends this process's
+    /// ownership; otherwise the transaction is aborted and the write retried.
+    async fn failed(&self, p: &FutureProducer, e: KafkaError) -> ReplicaError {
+        let fatal = match &e {
+            KafkaError::Transaction(t) => {
+                t.is_fatal() || t.code() == RDKafkaErrorCode::ProducerFenced
+            }
+            _ => false,
+        } || e.rdkafka_error_code() == Some(RDKafkaErrorCode::ProducerFenced)
+            || e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fenced);
+        if fatal {
+            let ours = self.epoch.load(Relaxed);
+            let theirs = match self.read().await {
+                Ok(c) => c.owner.map_or(ours + 1, |o| o.epoch),
+                Err(_) => ours + 1,
+            };
+            return ReplicaError::Fenced {
+                node_id: self.node_id.clone(),
+                new_epoch: theirs,
+                our_epoch: ours,
+            };
+        }
+        let (p, timeout) = (p.clone(), self.timeout());
+        let _ = tokio::task::spawn_blocking(move || p.abort_transaction(timeout)).await;
+        ReplicaError::Unavailable(format!("a replica transaction failed: {e}"))
+    }
+
+    /// Appends `records` (payload, header value) in one transaction; the first one's offset.
+    async fn transaction(&self, records: Vec<(Vec<u8>, String)>) -> Result<u64, ReplicaError> {
+        let _one = self.txn.lock().await;
+        let p = self.producer()?;
+        let q = p.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || q.begin_transaction())
+            .await
+            .map_err(join_error)?
+        {
+            return Err(self.failed(&p, e).await);
+        }
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (payload, header) in &records {
+            let r = FutureRecord::to(&self.topic)
+                .partition(0)
+                .key(self.node_id.as_bytes())
+                .payload(payload)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: HEADER,
+                    value: Some(header.as_str()),
+                }));
+            match p.send_result(r) {
+                Ok(d) => deliveries.push(d),
+                Err((e, _)) => return Err(self.failed(&p, e).await),
+            }
+        }
+        let mut first = None;
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(delivery)) => {
+                    first.get_or_insert(delivery.offset);
+                }
+                Ok(Err((e, _))) => return Err(self.failed(&p, e).await),
+                Err(_) => {
+                    return Err(ReplicaError::Unavailable(
+                        "a replica record's delivery was cancelled".into(),
+                    ))
+                }
+            }
+        }
+        let (q, timeout) = (p.clone(), self.timeout());
+        if let Err(e) = tokio::task::spawn_blocking(move || q.commit_transaction(timeout))
+            .await
+            .map_err(join_error)?
+        {
+            return Err(self.failed(&p, e).await);
+        }
+        Ok(first.unwrap_or_default() as u64)
+    }
+
+    async fn write_owner(&self, owner: &Owner) -> Result<(), ReplicaError> {
+        let body = serde_json::to_vec(owner).expect("serialisable");
+        let at = self.transaction(vec![(body, "owner".into())]).await?;
+        self.owner_at.store(at, Relaxed);
+        Ok(())
+    }
+}
+
+impl Replica for KafkaReplica {
+    fn describe(&self) -> String {
+        format!(
+            "kafka {} topic {}",
+            self.config.bootstrap_servers, self.topic
+        )
+    }
+
+    fn owner(&self) -> ReplicaFuture<'_, Option<Owner>> {
+        Box::pin(async move {
+            self.ensure_topic().await?;
+            Ok(self.read().await?.owner)
+        })
+    }
+
+    fn take_over<'a>(
+        &'a self,
+        instance: &'a str,
+        before: &'a (dyn Fn(u64) -> std::io::Result<()> + Send + Sync),
+    ) -> ReplicaFuture<'a, TakenOver> {
+        Box::pin(async move {
+            self.ensure_topic().await?;
+            let mut c = self.client_config();
+            c.set("transactional.id", format!("weir-replica-{}", self.node_id))
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("transaction.timeout.ms", "60000")
+                .set(
+                    "message.timeout.ms",
+                    self.config.request_timeout_ms.to_string(),
+                );
+            let p: FutureProducer = c.create().map_err(unavailable("creating the producer"))?;
+            let (q, timeout) = (p.clone(), self.timeout());
+            // Fences the previous owner: its open transaction is aborted, its next one fails.
+            tokio::task::spawn_blocking(move || q.init_transactions(timeout))
+                .await
+                .map_err(join_error)?
+                .map_err(unavailable("initialising transactions"))?;
+            *lock(&self.producer) = Some(p);
+            let contents = self.read().await?;
+            let epoch = contents.owner.as_ref().map_or(0, |o| o.epoch) + 1;
+            before(epoch).map_err(|e| {
+                ReplicaError::Unavailable(format!("recording epoch {epoch} locally: {e}"))
+            })?;
+            self.epoch.store(epoch, Relaxed);
+            self.write_owner(&Owner {
+                epoch,
+                instance: instance.to_string(),
+            })
+            .await?;
+            Ok(TakenOver {
+                epoch,
+                entries: contents.entries,
+            })
+        })
+    }
+
+    fn append(&self, entry: Bytes) -> ReplicaFuture<'_, u64> {
+        Box::pin(async move {
+            let n = entry.len().div_ceil(PART_MAX).max(1);
+            let records = (0..n)
+                .map(|i| {
+                    let part = entry[i * PART_MAX..((i + 1) * PART_MAX).min(entry.len())].to_vec();
+                    (part, format!("entry {i}/{n}"))
+                })
+                .collect();
+            self.transaction(records).await
+        })
+    }
+
+    fn trim(&self, before: u64) -> ReplicaFuture<'_, u64> {
+        Box::pin(async move {
+            // The owner record must survive: restate it past the trim point first.
+            if self.owner_at.load(Relaxed) < before {
+                let owner =
+                    self.read().await?.owner.ok_or_else(|| {
+                        ReplicaError::Damaged("the owner record is missing".into())
+                    })?;
+                self.write_owner(&owner).await?;
+            }
+            let admin: AdminClient<DefaultClientContext> = self
+                .client_config()
+                .create()
+                .map_err(unavailable("creating an admin client"))?;
+            let probe: BaseConsumer = self
+                .client_config()
+                .create()
+                .map_err(unavailable("creating a metadata client"))?;
+            let (topic, timeout) = (self.topic.clone(), self.timeout());
+            let (low, _) =
+                tokio::task::spawn_blocking(move || probe.fetch_watermarks(&topic, 0, timeout))
+                    .await
+                    .map_err(join_error)?
+                    .map_err(unavailable("reading the topic's offsets"))?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&self.topic, 0, Offset::Offset(before as i64))
+                .map_err(unavailable("trimming"))?;
+            let opts = AdminOptions::new().operation_timeout(Some(self.timeout()));
+            admin
+                .delete_records(&tpl, &opts)
+                .await
+                .map_err(unavailable("deleting records"))?;
+            // Records, counting owner records and transaction markers.
+            Ok((before as i64 - low).max(0) as u64)
+        })
+    }
+}
+
+/// A replica for `[engine.replication]` of kind `kafka`, as `receiver-node` builds it.
+///
+/// # Errors
+/// An invalid configuration.
+pub fn replica(
+    config: &KafkaReplicaConfig,
+    node_id: &str,
+) -> Result<Arc<dyn Replica>, weir::receiver::ConfigError> {
+    Ok(Arc::new(KafkaReplica::new(config, node_id)?))
+}
