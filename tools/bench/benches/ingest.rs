@@ -13,7 +13,6 @@
 //! of the size the WAL wrote per fdatasync in that scenario: the anchor for MB/s.
 
 use std::collections::VecDeque;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -264,7 +263,6 @@ fn main() {
         child(&o, r);
         return;
     }
-    let exe = std::env::current_exe().expect("current exe");
     let fio = if o.fio { fio_available() } else { None };
     if o.fio && fio.is_none() {
         eprintln!("fio not found: no disk anchor (apt-get install fio); running without it");
@@ -283,23 +281,10 @@ fn main() {
     );
     let mut rows = Vec::new();
     for &r in &o.receivers {
-        let mut args: Vec<String> = std::env::args().skip(1).collect();
-        args.extend(["--child".to_string(), r.to_string()]);
-        let out = Command::new(&exe)
-            .args(&args)
-            .output()
-            .expect("running a scenario");
-        if !out.status.success() {
-            eprintln!(
-                "scenario with {r} receivers failed: {}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::process::exit(1);
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(line).expect("scenario JSON");
+        let v = run_scenario(
+            &["--child".to_string(), r.to_string()],
+            &format!("with {r} receivers"),
+        );
         eprintln!("  {r} receiver(s): {v}");
         settle();
         // The anchor: fio writing as many bytes per fdatasync as this run's WAL did, right after

@@ -15,7 +15,6 @@
 //! p99 for Kafka at 100,000 records/s.
 
 use std::collections::VecDeque;
-use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -232,7 +231,6 @@ fn main() {
         child(&o, scenario, peer);
         return;
     }
-    let exe = std::env::current_exe().expect("current exe");
     let s3 = o.replicas.iter().any(|r| r == "s3").then(|| {
         let s = weir_testkit::peers::s3::S3Server::start();
         s.create_bucket("bench");
@@ -254,23 +252,10 @@ fn main() {
             "kafka" => kafka.as_ref().expect("started").bootstrap(),
             _ => "-".into(),
         };
-        let mut args: Vec<String> = std::env::args().skip(1).collect();
-        args.extend(["--child".into(), scenario.clone(), "--child".into(), peer]);
-        let out = Command::new(&exe)
-            .args(&args)
-            .output()
-            .expect("running a scenario");
-        if !out.status.success() {
-            eprintln!(
-                "scenario {scenario} failed: {}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::process::exit(1);
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value =
-            serde_json::from_str(text.lines().last().unwrap_or_default()).expect("scenario JSON");
+        let v = run_scenario(
+            &["--child".into(), scenario.clone(), "--child".into(), peer],
+            scenario,
+        );
         eprintln!("  {v}");
         rows.push(v);
         settle();

@@ -17,7 +17,17 @@ fn harness_passes(args: &[&str], kills: u32) -> String {
 
 /// As [`harness_passes`], with `env` set for the harness and the nodes it starts.
 fn harness_passes_with(args: &[&str], kills: u32, env: &[(&str, &str)]) -> String {
-    let (out, report, dir) = harness_with(args, kills, env);
+    harness_passes_during(args, kills, env, || {})
+}
+
+/// As [`harness_passes_with`], running `during` while the harness runs.
+fn harness_passes_during(
+    args: &[&str],
+    kills: u32,
+    env: &[(&str, &str)],
+    during: impl FnOnce(),
+) -> String {
+    let (out, report, dir) = harness_with(args, kills, env, during);
     assert!(
         out.status.success(),
         "{report}\n{}\nnode log:\n{}",
@@ -137,25 +147,31 @@ fn without_a_replica_the_crash_harness_reports_what_a_lost_disk_lost() {
 /// Runs the crash harness with `args`, `--kills`, `--node` and a fresh `--dir`: its exit, its
 /// report and the directory (kept until dropped).
 fn harness(args: &[&str], kills: u32) -> (std::process::Output, String, tempfile::TempDir) {
-    harness_with(args, kills, &[])
+    harness_with(args, kills, &[], || {})
 }
 
+/// Runs the harness with `env` set, calling `during` once it has started.
 fn harness_with(
     args: &[&str],
     kills: u32,
     env: &[(&str, &str)],
+    during: impl FnOnce(),
 ) -> (std::process::Output, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
-    let out = Command::new(HARNESS)
+    let child = Command::new(HARNESS)
         .envs(env.iter().copied())
         .args(args)
         .args(["--kills", &kills.to_string(), "--node"])
         .arg(cargo_bin("receiver-node"))
         .arg("--dir")
         .arg(dir.path())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    during();
+    let out = child.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout).to_string();
     eprintln!("{report}(in {:?})", t0.elapsed());
     (out, report, dir)
@@ -241,66 +257,37 @@ mod real_s3 {
 }
 
 mod real_kafka_replica {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use weir_testkit::cargo_bin;
     use weir_testkit::peers::kafka::KafkaCluster;
 
     /// `--lose-disk` with a Kafka replica on a three-broker cluster: every kill deletes the data
-    /// directory and the restart adopts from the replica topic, while one broker (at first the
-    /// leader of the replica topic's partition, or any) is killed during ingest and restarted
-    /// later. Nothing acknowledged is missing.
+    /// directory and the restart adopts from the replica topic, while a broker is killed during
+    /// ingest and restarted later. Nothing acknowledged is missing.
     #[test]
     fn with_a_kafka_replica_on_three_brokers_a_lost_disk_and_a_lost_broker_lose_nothing() {
         let mut cluster = KafkaCluster::start(3);
         let _logs = cluster.logs_on_failure();
         let bootstrap = cluster.bootstrap();
-        let dir = tempfile::tempdir().unwrap();
-        let t0 = Instant::now();
-        let child = Command::new(super::HARNESS)
-            .args([
-                "--lose-disk",
-                "--replica-kafka",
-                &bootstrap,
-                "--seed",
-                "8",
-                "--min-ms",
-                "1500",
-                "--max-ms",
-                "3000",
-                "--kills",
-                "3",
-                "--node",
-            ])
-            .arg(cargo_bin("receiver-node"))
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A broker goes down a few seconds in (the node is ingesting by then) and comes back.
-        std::thread::sleep(Duration::from_secs(4));
-        let victim = cluster.broker_ids()[1];
-        cluster.kill(victim);
-        std::thread::sleep(Duration::from_secs(5));
-        cluster.restart(victim);
-        let out = child.wait_with_output().unwrap();
-        let report = String::from_utf8_lossy(&out.stdout).to_string();
-        eprintln!("{report}(in {:?})", t0.elapsed());
-        assert!(
-            out.status.success(),
-            "{report}\n{}\nnode log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
-        );
-        for want in [
-            "MISSING (acknowledged, not in output): 0",
-            "data directory deleted",
-            "result: PASS",
-        ] {
-            assert!(report.contains(want), "{want}: {report}");
-        }
+        let args = [
+            "--lose-disk",
+            "--replica-kafka",
+            &bootstrap,
+            "--seed",
+            "8",
+            "--min-ms",
+            "1500",
+            "--max-ms",
+            "3000",
+        ];
+        let report = super::harness_passes_during(&args, 3, &[], || {
+            // A broker goes down a few seconds in (the node is ingesting by then), comes back.
+            std::thread::sleep(Duration::from_secs(4));
+            let victim = cluster.broker_ids()[1];
+            cluster.kill(victim);
+            std::thread::sleep(Duration::from_secs(5));
+            cluster.restart(victim);
+        });
+        assert!(report.contains("data directory deleted"), "{report}");
     }
 }

@@ -234,3 +234,27 @@ pub fn fio_write_buffered(size: u64, secs: f64) -> Result<FioWrite, String> {
         sync_p99_ns: f64::NAN,
     })
 }
+
+/// Runs this bench again as a child with its own arguments plus `extra`, and returns the JSON
+/// object on the last line of its output; exits the bench, with the child's stderr, if it
+/// failed (`what` names the scenario).
+#[allow(dead_code)] // Not every bench runs children.
+pub fn run_scenario(extra: &[String], what: &str) -> serde_json::Value {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.extend(extra.iter().cloned());
+    let out = std::process::Command::new(&exe)
+        .args(&args)
+        .output()
+        .expect("running a scenario");
+    if !out.status.success() {
+        eprintln!(
+            "scenario {what} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::process::exit(1);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or_default()).expect("scenario JSON")
+}
