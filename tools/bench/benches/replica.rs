@@ -69,9 +69,12 @@ fn parse_args() -> Opts {
                 o.replicas = val("--replicas").split(',').map(str::to_string).collect();
             }
             "--child" => {
-                let s = val("--child");
-                let peer = val("--child");
-                o.child = Some((s, peer));
+                let peer = o.child.take().map(|c| c.1).unwrap_or_default();
+                o.child = Some((val("--child"), peer));
+            }
+            "--peer" => {
+                let scenario = o.child.take().map(|c| c.0).unwrap_or_default();
+                o.child = Some((scenario, val("--peer")));
             }
             "--bench" => {}
             other => {
@@ -253,7 +256,7 @@ fn main() {
             _ => "-".into(),
         };
         let v = run_scenario(
-            &["--child".into(), scenario.clone(), "--child".into(), peer],
+            &["--child".into(), scenario.clone(), "--peer".into(), peer],
             scenario,
         );
         eprintln!("  {v}");
