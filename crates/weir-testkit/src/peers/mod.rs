@@ -74,11 +74,14 @@ pub fn java() -> PathBuf {
     .clone()
 }
 
-/// A fresh directory for one peer under the system's temporary directory. Directories left by
-/// test binaries that are gone (named after their process id) are removed first.
+/// A fresh directory for one peer under `$WEIR_PEER_DIR` (default: `weir-peers` in the system's
+/// temporary directory; a benchmark can point it at another disk, or tmpfs, so that the peers'
+/// writes do not compete with the node's fsyncs). Directories left by test binaries that are
+/// gone (named after their process id) are removed first.
 pub fn peer_dir(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
-    let root = std::env::temp_dir().join("weir-peers");
+    let root = std::env::var_os("WEIR_PEER_DIR")
+        .map_or_else(|| std::env::temp_dir().join("weir-peers"), PathBuf::from);
     let _ = fs::create_dir_all(&root);
     static PRUNE: OnceLock<()> = OnceLock::new();
     PRUNE.get_or_init(|| prune(&root));

@@ -392,8 +392,11 @@ impl ReplicaState {
         for e in decoded {
             let m = &e.meta;
             if !e.blocks.is_empty() {
+                // An entry may be there twice: a write that failed after reaching the replica
+                // is written again (a Kafka replica reads aborted transactions too). Its
+                // blocks are the same; only a gap is damage.
                 if let Some(n) = next {
-                    if m.first_block != n {
+                    if m.first_block > n {
                         return Err(ReplicaError::Damaged(format!(
                             "blocks {n}..{} are missing",
                             m.first_block
@@ -403,7 +406,8 @@ impl ReplicaState {
                 for (i, b) in e.blocks.iter().enumerate() {
                     blocks.insert(m.first_block + i as u64, b.clone());
                 }
-                next = Some(m.first_block + e.blocks.len() as u64);
+                let end = m.first_block + e.blocks.len() as u64;
+                next = Some(next.map_or(end, |n| n.max(end)));
             }
             for a in &m.allocations {
                 allocations.insert(a.time, a.clone());
@@ -507,5 +511,15 @@ mod tests {
             ReplicaState::rebuild(&gap),
             Err(ReplicaError::Damaged(_))
         ));
+    }
+
+    #[test]
+    fn an_entry_written_twice_counts_once() {
+        let e1 = entry(0, &["a", "b"], &[(1000, 0, 1)]);
+        let e2 = entry(2, &["c"], &[]);
+        let all: Vec<Bytes> = [&e1, &e1, &e2, &e2].iter().map(|e| e.encode()).collect();
+        let s = ReplicaState::rebuild(&all).unwrap();
+        assert_eq!(s.batches[&1000].0, vec![Bytes::from("a")]);
+        assert_eq!(s.unallocated, vec![Bytes::from("b"), Bytes::from("c")]);
     }
 }
