@@ -97,7 +97,38 @@ fn kind(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<Kind> {
     Some(Kind::Part(i.parse().ok()?, n.parse().ok()?))
 }
 
-/// Everything committed in the topic for this node, in order.
+/// Joins an entry's parts (`entry i/n`) in offset order. A part out of turn means the entry
+/// before it failed half-way (never acknowledged: it is dropped), or is the tail of such an
+/// entry (skipped).
+#[derive(Default)]
+struct Assembler {
+    parts: Vec<u8>,
+    expect: u32,
+    of: u32,
+}
+
+impl Assembler {
+    /// Part `i` of `n`; the entry it completes, if any.
+    fn push(&mut self, i: u32, n: u32, payload: &[u8]) -> Option<Bytes> {
+        if i != self.expect || (i != 0 && n != self.of) {
+            self.parts.clear();
+            self.expect = 0;
+        }
+        if i != self.expect {
+            return None;
+        }
+        self.parts.extend_from_slice(payload);
+        self.expect += 1;
+        self.of = n;
+        if self.expect < n {
+            return None;
+        }
+        self.expect = 0;
+        Some(Bytes::from(std::mem::take(&mut self.parts)))
+    }
+}
+
+/// Everything delivered to the topic for this node, in order.
 struct Contents {
     owner: Option<Owner>,
     entries: Vec<Bytes>,
@@ -274,9 +305,7 @@ impl KafkaReplica {
             consumer
                 .assign(&tpl)
                 .map_err(unavailable("assigning the partition"))?;
-            let mut parts: Vec<u8> = Vec::new();
-            let mut expect = 0u32;
-            let mut expect_of = 0u32;
+            let mut parts = Assembler::default();
             let deadline = std::time::Instant::now() + timeout * 6;
             loop {
                 if std::time::Instant::now() > deadline {
@@ -307,21 +336,7 @@ impl KafkaReplica {
                         })?);
                     }
                     Some(Kind::Part(i, n)) if i < n => {
-                        // A part out of turn: the entry before it failed half-way (it was
-                        // never acknowledged), or this is the tail of such an entry.
-                        if i != expect || (i != 0 && n != expect_of) {
-                            parts.clear();
-                            expect = 0;
-                        }
-                        if i == expect {
-                            parts.extend_from_slice(payload);
-                            expect += 1;
-                            expect_of = n;
-                            if expect == n {
-                                out.entries.push(Bytes::from(std::mem::take(&mut parts)));
-                                expect = 0;
-                            }
-                        }
+                        out.entries.extend(parts.push(i, n, payload));
                     }
                     _ => {
                         return Err(ReplicaError::Damaged(format!(
@@ -601,4 +616,29 @@ pub fn replica(
     node_id: &str,
 ) -> Result<Arc<dyn Replica>, weir::receiver::ConfigError> {
     Ok(Arc::new(KafkaReplica::new(config, node_id)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Assembler;
+
+    #[test]
+    fn parts_join_in_order_and_a_half_written_entry_is_dropped() {
+        let mut a = Assembler::default();
+        assert_eq!(a.push(0, 1, b"one").as_deref(), Some(&b"one"[..]));
+        // An entry of three whose write failed after two parts, written again whole.
+        assert_eq!(a.push(0, 3, b"a"), None);
+        assert_eq!(a.push(1, 3, b"b"), None);
+        assert_eq!(a.push(0, 3, b"A"), None);
+        assert_eq!(a.push(1, 3, b"B"), None);
+        assert_eq!(a.push(2, 3, b"C").as_deref(), Some(&b"ABC"[..]));
+        // A tail without its head is skipped; the next entry is whole.
+        assert_eq!(a.push(1, 2, b"x"), None);
+        assert_eq!(a.push(0, 2, b"p"), None);
+        assert_eq!(a.push(1, 2, b"q").as_deref(), Some(&b"pq"[..]));
+        // A part of another entry's size in the middle restarts nothing it cannot finish.
+        assert_eq!(a.push(0, 2, b"m"), None);
+        assert_eq!(a.push(1, 3, b"z"), None);
+        assert_eq!(a.push(0, 1, b"last").as_deref(), Some(&b"last"[..]));
+    }
 }
