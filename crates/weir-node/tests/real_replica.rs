@@ -2,8 +2,10 @@
 //! moto's S3 server and an Apache Kafka broker. A node paused (SIGSTOP) while a new process
 //! takes its `node_id` over on an empty data directory is fenced when it resumes (SIGCONT): it
 //! exits 1 naming the new epoch, and every record either acknowledged is in the output. A Kafka
-//! replica topic with one replica is refused unless allowed. (Lost disks under load: the crash
-//! harness's `real_s3` and `real_kafka_replica` tests.)
+//! replica topic with one replica is refused unless allowed. A replica that stops answering for
+//! 10 s (the server or broker SIGSTOPped) holds every acknowledgement meanwhile, and ingest
+//! resumes by itself. (Lost disks under load: the crash harness's `real_s3` and
+//! `real_kafka_replica` tests.)
 
 use std::path::Path;
 use std::process::Command;
@@ -114,18 +116,7 @@ fn a_paused_owner_is_fenced_and_nothing_acknowledged_is_lost(replication: &str) 
     });
     let (sent, b) = sent;
     assert_eq!(acked.load(SeqCst), total);
-    wait_until(
-        "every record in the output",
-        Duration::from_secs(60),
-        || {
-            let have = payloads(&out);
-            sent.iter().all(|r| have.contains(r))
-        },
-    );
-    sigterm(&b.0);
-    let mut b = b;
-    let status = b.wait_exit(Duration::from_secs(30), "b did not exit after SIGTERM");
-    assert!(status.success(), "{}", log_of(&log_b));
+    every_record_in_the_output_then_a_clean_stop(&out, &sent, b, &log_b);
 }
 
 #[test]
@@ -177,4 +168,115 @@ fn real_kafka_a_replica_topic_with_one_replica_is_refused_saying_why() {
             && text.contains("allow_unreplicated = true"),
         "{text}"
     );
+}
+
+/// The replica stops answering for 10 s during ingest (`pause`, then `resume`): nothing is
+/// acknowledged meanwhile, the node says why and does not exit, and once the replica answers
+/// again every record is acknowledged and in the output.
+fn while_the_replica_is_down_for_10_s_nothing_is_acknowledged(
+    replication: &str,
+    pause: &dyn Fn(),
+    resume: &dyn Fn(),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let p = free_port();
+    let log = dir.path().join("node.log");
+    let mut n = Node::start(
+        "run",
+        &config(dir.path(), "n", p, &out, replication),
+        Some(&log),
+    );
+    let port = AtomicU16::new(p);
+    let acked = AtomicUsize::new(0);
+    let total = 3000;
+    let sent = std::thread::scope(|s| {
+        let producer = s.spawn(|| frames_producer(&port, "down", total, &acked));
+        wait_until("a fifth acknowledged", Duration::from_secs(60), || {
+            acked.load(SeqCst) >= total / 5
+        });
+        pause();
+        // A write answered just before the pause may still land.
+        std::thread::sleep(Duration::from_secs(2));
+        let held_at = acked.load(SeqCst);
+        std::thread::sleep(Duration::from_secs(8));
+        let after = acked.load(SeqCst);
+        let still_running = n.0.try_wait().unwrap().is_none();
+        resume();
+        assert!(
+            still_running,
+            "the node exited while the replica was down:\n{}",
+            log_of(&log)
+        );
+        assert_eq!(
+            after, held_at,
+            "records were acknowledged while the replica was down"
+        );
+        eprintln!("acknowledged when the replica stopped answering: {held_at} of {total}");
+        producer.join().unwrap()
+    });
+    assert_eq!(acked.load(SeqCst), total);
+    let text = log_of(&log);
+    assert!(
+        text.contains("replica write failed: nothing more is acknowledged until it succeeds")
+            && text.contains("replica write succeeded again"),
+        "the node does not say that it waited for the replica:\n{text}"
+    );
+    every_record_in_the_output_then_a_clean_stop(&out, &sent, n, &log);
+}
+
+#[test]
+fn real_s3_while_the_s3_server_is_down_for_10_s_nothing_is_acknowledged_and_ingest_resumes() {
+    // A server of its own: the others' tests must not stall with it.
+    let server = s3::S3Server::start();
+    let _logs = server.logs_on_failure();
+    server.create_bucket("down");
+    while_the_replica_is_down_for_10_s_nothing_is_acknowledged(
+        &format!(
+            "[engine.replication]\nkind = \"object_store\"\nendpoint = {:?}\nbucket = \"down\"\n\
+             region = {REGION:?}\naccess_key_id = {ACCESS_KEY:?}\nsecret_access_key = {SECRET_KEY:?}\n\
+             request_timeout_ms = 2000\n",
+            server.endpoint()
+        ),
+        &|| server.pause(),
+        &|| server.resume(),
+    );
+}
+
+#[test]
+fn real_kafka_while_the_broker_is_down_for_10_s_nothing_is_acknowledged_and_ingest_resumes() {
+    let k = weir_testkit::peers::kafka::KafkaCluster::start(1);
+    let _logs = k.logs_on_failure();
+    while_the_replica_is_down_for_10_s_nothing_is_acknowledged(
+        &format!(
+            "[engine.replication]\nkind = \"kafka\"\nbootstrap_servers = {:?}\n\
+             allow_unreplicated = true\nrequest_timeout_ms = 2000\n",
+            k.bootstrap()
+        ),
+        &|| k.pause(),
+        &|| k.resume(),
+    );
+}
+
+/// Waits until every record of `sent` is in `out`, then stops `node` (SIGTERM): it must exit 0.
+fn every_record_in_the_output_then_a_clean_stop(
+    out: &Path,
+    sent: &[String],
+    mut node: Node,
+    log: &Path,
+) {
+    wait_until(
+        "every record in the output",
+        Duration::from_secs(60),
+        || {
+            let have = payloads(out);
+            sent.iter().all(|r| have.contains(r))
+        },
+    );
+    sigterm(&node.0);
+    let status = node.wait_exit(
+        Duration::from_secs(30),
+        "the node did not exit after SIGTERM",
+    );
+    assert!(status.success(), "{}", log_of(log));
 }

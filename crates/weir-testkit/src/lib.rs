@@ -336,7 +336,10 @@ pub fn frames_producer(
         while ok && acked < chunk.len() {
             let mut b = [0u8; 8];
             match s.read_exact(&mut b) {
-                Ok(()) => acked = u64::from_be_bytes(b) as usize,
+                Ok(()) => {
+                    acked = u64::from_be_bytes(b) as usize;
+                    acked_count.store(next + acked.min(chunk.len()), SeqCst);
+                }
                 Err(_) => ok = false,
             }
         }

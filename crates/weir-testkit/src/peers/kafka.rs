@@ -188,6 +188,25 @@ impl KafkaCluster {
         }
     }
 
+    /// Stops every broker where it is (SIGSTOP): requests hang, as in a partition, until
+    /// [`resume`](Self::resume).
+    pub fn pause(&self) {
+        for b in &self.brokers {
+            if let Some(p) = &b.process {
+                p.pause();
+            }
+        }
+    }
+
+    /// Lets [`pause`](Self::pause)d brokers go on (SIGCONT).
+    pub fn resume(&self) {
+        for b in &self.brokers {
+            if let Some(p) = &b.process {
+                p.resume();
+            }
+        }
+    }
+
     /// Starts broker `id` again on its data and waits until it has started.
     pub fn restart(&mut self, id: i32) {
         let i = self.index(id);

@@ -193,6 +193,26 @@ impl PeerProcess {
         }
     }
 
+    /// Stops the peer where it is (SIGSTOP to the processes under the wrapper): connections stay
+    /// open and nothing answers, as with a hung server or a partition. [`resume`](Self::resume)
+    /// lets it go on.
+    pub fn pause(&self) {
+        self.signal_children("-STOP");
+    }
+
+    /// Continues a peer [`pause`](Self::pause)d (SIGCONT).
+    pub fn resume(&self) {
+        self.signal_children("-CONT");
+    }
+
+    fn signal_children(&self, sig: &str) {
+        let ok = Command::new("pkill")
+            .args([sig, "-P", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "pkill {sig} -P: {} has no process to signal", self.name);
+    }
+
     /// True while the JVM runs.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -29,7 +29,7 @@ pub const REGION: &str = "us-east-1";
 pub struct S3Server {
     port: u16,
     dir: PathBuf,
-    _process: PeerProcess,
+    process: PeerProcess,
 }
 
 impl S3Server {
@@ -71,11 +71,7 @@ impl S3Server {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        S3Server {
-            port,
-            dir,
-            _process: process,
-        }
+        S3Server { port, dir, process }
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -87,6 +83,17 @@ impl S3Server {
     pub fn create_bucket(&self, bucket: &str) {
         let status = request(self.port, "PUT", &format!("/{bucket}"));
         assert_eq!(status, Some(200), "creating bucket {bucket}");
+    }
+
+    /// Stops the server where it is (SIGSTOP): requests hang until [`resume`](Self::resume).
+    /// Its contents stay (moto keeps them in memory: a restart would lose them).
+    pub fn pause(&self) {
+        self.process.pause();
+    }
+
+    /// Lets a [`pause`](Self::pause)d server answer again.
+    pub fn resume(&self) {
+        self.process.resume();
     }
 
     /// A guard that keeps the server's log if the test holding it fails.
