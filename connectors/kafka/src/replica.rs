@@ -285,6 +285,9 @@ impl KafkaReplica {
         c.set("isolation.level", "read_uncommitted")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
+            // The read ends at the end of the partition: an empty fetch should say so at once
+            // rather than after the default 500 ms wait for more data.
+            .set("fetch.wait.max.ms", "10")
             .set("group.id", format!("weir-replica-reader.{}", self.node_id));
         let consumer: BaseConsumer = c.create().map_err(unavailable("creating a reader"))?;
         let (topic, node_id, timeout) = (self.topic.clone(), self.node_id.clone(), self.timeout());
@@ -455,7 +458,7 @@ impl Replica for KafkaReplica {
         before: &'a (dyn Fn(u64) -> std::io::Result<()> + Send + Sync),
     ) -> ReplicaFuture<'a, TakenOver> {
         Box::pin(async move {
-            self.ensure_topic().await?;
+            let t0 = Instant::now();
             let mut c = self.client_config();
             c.set("transactional.id", format!("weir-replica-{}", self.node_id))
                 .set("enable.idempotence", "true")
@@ -478,7 +481,10 @@ impl Replica for KafkaReplica {
                     TRANSACTION_TIMEOUT_MS
                 }
             };
+            // Created first: it connects to the brokers while the topic is checked.
             let p: FutureProducer = c.create().map_err(unavailable("creating the producer"))?;
+            self.ensure_topic().await?;
+            let checked = t0.elapsed();
             let (q, timeout) = (p.clone(), self.timeout());
             // Fences the previous owner: its open transaction is aborted, its next one fails.
             tokio::task::spawn_blocking(move || q.init_transactions(timeout))
@@ -492,7 +498,9 @@ impl Replica for KafkaReplica {
             let every = COMMIT_EVERY.min(Duration::from_millis(txn_timeout / 3));
             tokio::spawn(commit_loop(Arc::downgrade(&t), every, self.timeout()));
             *lock(&self.txn) = Some(t);
+            let fenced = t0.elapsed();
             let contents = self.read().await?;
+            let read = t0.elapsed();
             let epoch = contents.owner.as_ref().map_or(0, |o| o.epoch) + 1;
             before(epoch).map_err(|e| {
                 ReplicaError::Unavailable(format!("recording epoch {epoch} locally: {e}"))
@@ -503,6 +511,16 @@ impl Replica for KafkaReplica {
                 instance: instance.to_string(),
             })
             .await?;
+            tracing::info!(
+                topic = %self.topic,
+                epoch,
+                entries = contents.entries.len(),
+                topic_checked_ms = checked.as_millis() as u64,
+                fenced_ms = (fenced - checked).as_millis() as u64,
+                read_ms = (read - fenced).as_millis() as u64,
+                owner_written_ms = (t0.elapsed() - read).as_millis() as u64,
+                "took the replica topic over"
+            );
             Ok(TakenOver {
                 epoch,
                 entries: contents.entries,

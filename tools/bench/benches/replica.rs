@@ -195,7 +195,9 @@ fn child(o: &Opts, scenario: &str, peer: &str) {
         Ok(())
     });
     let out = rt.block_on(async {
+        let started = Instant::now();
         let running = ctx.start().await.expect("start");
+        let start_ms = started.elapsed().as_secs_f64() * 1e3;
         let m = running.metrics();
         tokio::time::sleep(Duration::from_secs_f64(o.warmup)).await;
         let e = m.engine().clone();
@@ -227,6 +229,7 @@ fn child(o: &Opts, scenario: &str, peer: &str) {
             "lat_p99_us": percentile(&lats, 99.0),
             "lat_p999_us": percentile(&lats, 99.9),
             "replica_writes_per_s": (w1 - w0) as f64 / secs,
+            "start_ms": start_ms,
             "replica_bytes_per_acked_byte": (rb1 - rb0) as f64 / ((b1 - b0) as f64).max(1.0),
         })
     });
@@ -284,15 +287,15 @@ fn main() {
     offs.sort_by(f64::total_cmp);
     let anchor = (!offs.is_empty()).then(|| offs[offs.len() / 2]);
     println!();
-    println!("| replica | acked records/s | ack p50 / p99 / p99.9 | p99 minus off (median of {}) | replica writes/s | replica bytes per acked byte |", offs.len());
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| replica | acked records/s | ack p50 / p99 / p99.9 | p99 minus off (median of {}) | replica writes/s | replica bytes per acked byte | start (take-over) |", offs.len());
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for v in &rows {
         let extra = anchor.map_or("-".into(), |a| {
             let d = (f(v, "lat_p99_us") - a) * 1e3;
             format!("{}{}", if d < 0.0 { "-" } else { "" }, fmt_ns(d.abs()))
         });
         println!(
-            "| {} | {} | {} / {} / {} | {} | {:.0} | {:.2} |",
+            "| {} | {} | {} / {} / {} | {} | {:.0} | {:.2} | {:.0} ms |",
             v["scenario"].as_str().unwrap_or_default(),
             fmt_count(f(v, "acked_per_s")),
             fmt_ns(f(v, "lat_p50_us") * 1e3),
@@ -301,6 +304,7 @@ fn main() {
             extra,
             f(v, "replica_writes_per_s"),
             f(v, "replica_bytes_per_acked_byte"),
+            f(v, "start_ms"),
         );
     }
 }
