@@ -51,6 +51,14 @@
 //!
 //! `--lose-disk` deletes the data directory at every kill (a lost disk or machine): each
 //! restart is a new node with a new data directory and `node_id`, writing to the same output.
+//! With a replica (`--replica-endpoint`/`--replica-bucket` for an S3-compatible server, or
+//! `--replica-kafka`), the `node_id` stays: each restart adopts the lost node's replicated
+//! state, and nothing acknowledged may be missing.
+//!
+//! ```text
+//! AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... target/release/crash-harness --source flume \
+//!     --lose-disk --replica-endpoint http://127.0.0.1:9000 --replica-bucket weir --kills 20
+//! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;

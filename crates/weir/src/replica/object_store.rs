@@ -128,7 +128,20 @@ pub struct ObjectStoreReplica {
 }
 
 fn unavailable(what: &str) -> impl FnOnce(OsError) -> ReplicaError + '_ {
-    move |e| ReplicaError::Unavailable(format!("{what}: {e}"))
+    move |e| {
+        let e = e.to_string();
+        // Without keys in the configuration or the environment, the client asks the cloud
+        // instance metadata service; off a cloud instance that fails in a way that does not
+        // say what is missing.
+        let hint = if e.contains("169.254.169.254") {
+            " (no credentials were found: set access_key_id and secret_access_key, or \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; without them the client asked the \
+             instance metadata service at 169.254.169.254)"
+        } else {
+            ""
+        };
+        ReplicaError::Unavailable(format!("{what}: {e}{hint}"))
+    }
 }
 
 impl ObjectStoreReplica {
