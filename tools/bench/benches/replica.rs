@@ -279,13 +279,12 @@ fn main() {
     }
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     // The anchor: the median p99 of the `off` runs of this sitting.
-    let mut offs: Vec<f64> = rows
+    let offs: Vec<f64> = rows
         .iter()
         .filter(|v| v["scenario"] == "off")
         .map(|v| f(v, "lat_p99_us"))
         .collect();
-    offs.sort_by(f64::total_cmp);
-    let anchor = (!offs.is_empty()).then(|| offs[offs.len() / 2]);
+    let anchor = (!offs.is_empty()).then(|| median(&offs));
     println!();
     println!("| replica | acked records/s | ack p50 / p99 / p99.9 | p99 minus off (median of {}) | replica writes/s | replica bytes per acked byte | start (take-over) |", offs.len());
     println!("| --- | --- | --- | --- | --- | --- | --- |");
