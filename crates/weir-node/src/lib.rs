@@ -83,7 +83,7 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
     }
     // Every output is built here, once (a Kafka output's producer lives as long as the node).
     for (i, o) in config.outputs.iter().enumerate() {
-        let out = output::Output::new(o)
+        let out = output::Output::new(o, i + 1)
             .map_err(|e| NodeError::Config(format!("[[output]] #{}: {e}", i + 1)))?
             .claiming(identity.clone());
         // With replication, an empty data directory adopts the node's instance at the engine's
@@ -106,9 +106,11 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         }
         let name = format!("output {} ({})", i + 1, out.describe());
         let out = Arc::new(out);
-        if out.kafka().is_some() {
-            ctx.add_metrics(stats::output(i + 1, out.clone()));
-        }
+        ctx.add_metrics(stats::output(i + 1, out.clone()).with_histogram(
+            "weir_output_write_seconds",
+            "One successful write of a non-empty batch to the destination, seconds.",
+            out.stats().write_seconds.clone(),
+        ));
         ctx.foreach_batch(name, move |batch| {
             out.write(batch)
                 .map_err(|e| Box::new(e) as weir::stream::JobError)

@@ -177,7 +177,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             // Build each output as `run` would (a Kafka output's producer: librdkafka checks
             // combinations of properties only then), without connecting to anything.
             for (i, o) in c.outputs.iter().enumerate() {
-                if let Err(e) = node::output::Output::new(o) {
+                if let Err(e) = node::output::Output::new(o, i + 1) {
                     eprintln!(
                         "receiver-node: configuration error: {}: [[output]] #{}: {e}",
                         file.display(),

@@ -216,6 +216,8 @@ pub struct LabelledStats {
     pub label: Option<(&'static str, String)>,
     /// Its stats.
     pub stats: Arc<dyn ConnectorStats>,
+    /// Its histograms (name, help, histogram), labelled like its stats.
+    pub histograms: Vec<(&'static str, &'static str, Arc<Histogram>)>,
 }
 
 impl LabelledStats {
@@ -228,12 +230,30 @@ impl LabelledStats {
         LabelledStats {
             label: Some((key, value.into())),
             stats,
+            histograms: Vec::new(),
         }
     }
 
     /// `stats` without a label of its own.
     pub fn unlabelled(stats: Arc<dyn ConnectorStats>) -> Self {
-        LabelledStats { label: None, stats }
+        LabelledStats {
+            label: None,
+            stats,
+            histograms: Vec::new(),
+        }
+    }
+
+    /// Adds a histogram (`name` ends in `_seconds` for durations), labelled like the stats.
+    /// Sources that add one name share its family.
+    #[must_use]
+    pub fn with_histogram(
+        mut self,
+        name: &'static str,
+        help: &'static str,
+        histogram: Arc<Histogram>,
+    ) -> Self {
+        self.histograms.push((name, help, histogram));
+        self
     }
 }
 
@@ -492,7 +512,32 @@ pub fn encode_stats(
             }
         }
     }
+    let mut names: Vec<(&'static str, &'static str)> = Vec::new();
+    for (name, help, _) in sources.iter().flat_map(|s| &s.histograms) {
+        if !names.iter().any(|(n, _)| n == name) {
+            names.push((name, help));
+        }
+    }
+    for (name, help) in names {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for src in sources {
+            for (_, _, h) in src.histograms.iter().filter(|(n, _, _)| *n == name) {
+                let labels: Vec<(String, String)> = src
+                    .label
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), v.clone()))
+                    .collect();
+                h.encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
     Ok(())
+}
+
+/// The buckets of the engine's latency histograms (0.1 ms doubling to about 52 s), for
+/// components adding histograms of their own with [`LabelledStats::with_histogram`].
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
 }
 
 /// Where the engine and its WAL wait for disk space, and the free-space figures.

@@ -1,11 +1,22 @@
 //! Outputs: where `receiver-node` writes each batch. Every output kind is here: its `type`
 //! name and settings ([`OutputConfig`]), their validation, and how it writes a batch
 //! ([`Output`]); adding an output touches this file (and its connector crate, if any).
+//!
+//! Every output counts what it writes ([`metrics`]) and can send the records its destination
+//! rejects to a dead-letter output ([`dead_letter`]). Outputs that write where several nodes
+//! may write too key everything by batch time **and** `node_id`.
+
+pub mod dead_letter;
+pub mod metrics;
+pub mod parquet;
+pub mod postgres;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
 
 use weir_kafka::{KafkaOutput, KafkaOutputError};
 use weir_receiver::Record;
@@ -14,6 +25,9 @@ use serde::{Deserialize, Serialize};
 use weir::batch::{Batch, BatchError};
 use weir::identity::{Identity, IdentityError};
 use weir::tracker::BlockRef;
+
+use dead_letter::DeadLetters;
+pub use metrics::{OutputStats, Written};
 
 /// How records are written by an output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -58,6 +72,14 @@ pub enum OutputConfig {
     /// re-run batch is produced again: at-least-once per batch. See weir-kafka's
     /// `KafkaOutputConfig` for the keys.
     Kafka(weir_kafka::KafkaOutputConfig),
+    /// One Parquet file per batch (split when large) in a local directory or on object storage,
+    /// under deterministic names with a completion marker per batch; see
+    /// [`parquet::ParquetConfig`].
+    Parquet(parquet::ParquetConfig),
+    /// Rows in a PostgreSQL table, one transaction per batch that also records the batch (and
+    /// node) in a bookkeeping table, so a re-run batch is skipped; see
+    /// [`postgres::PostgresConfig`].
+    Postgres(postgres::PostgresConfig),
 }
 
 impl OutputConfig {
@@ -68,6 +90,17 @@ impl OutputConfig {
             OutputConfig::Discard => "discard",
             OutputConfig::Stdout { .. } => "stdout",
             OutputConfig::Kafka(_) => "kafka",
+            OutputConfig::Parquet(_) => "parquet",
+            OutputConfig::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The dead-letter output configured for it, if any.
+    pub fn dead_letter(&self) -> Option<&dead_letter::DeadLetterConfig> {
+        match self {
+            OutputConfig::Parquet(c) => c.dead_letter.as_ref(),
+            OutputConfig::Postgres(c) => c.dead_letter.as_ref(),
+            _ => None,
         }
     }
 
@@ -81,6 +114,8 @@ impl OutputConfig {
                 Err("`path` must not be empty".into())
             }
             OutputConfig::Kafka(c) => c.validate(),
+            OutputConfig::Parquet(c) => c.validate(),
+            OutputConfig::Postgres(c) => c.validate(),
             _ => Ok(()),
         }
     }
@@ -108,6 +143,17 @@ pub enum OutputError {
     /// The node's id could not be claimed in a `dir` output (see [`weir::identity`]).
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// Records the destination could not accept, with no dead-letter output configured.
+    #[error("{count} record(s) rejected and no dead_letter output is configured (the batch is retried): first reason: {reason}")]
+    Rejected {
+        /// How many.
+        count: usize,
+        /// The first one's reason.
+        reason: String,
+    },
+    /// Writing to the destination failed (connection, authentication, a server error).
+    #[error("{0}")]
+    Destination(String),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutputError + 'a {
@@ -219,46 +265,75 @@ pub fn base64(bytes: &[u8]) -> String {
     s
 }
 
+/// Writes every record of `batch` in `format`; returns what was written.
 fn write_batch(
     out: &mut dyn Write,
     batch: &Batch,
     format: OutputFormat,
-) -> Result<(), OutputError> {
+) -> Result<Written, OutputError> {
     let node_id = batch.node_id();
+    let mut w = Written::default();
     batch.for_each_block(|block: &BlockRef, records| {
         for r in records {
             write_record(out, format, &block.receiver, node_id, &r)
                 .map_err(io_err("write", Path::new("<output>")))?;
+            w.records += 1;
+            w.bytes += r.payload.len() as u64;
         }
         Ok::<(), OutputError>(())
-    })
+    })?;
+    Ok(w)
 }
 
 /// An output, built once from its configuration when the node starts (a Kafka output holds
-/// its producer for the life of the node).
+/// its producer for the life of the node, a PostgreSQL output its connection).
 #[derive(Debug)]
 pub struct Output {
     config: OutputConfig,
+    /// Its place in the configuration (1-based): its metrics label and dead-letter file names.
+    position: usize,
     kafka: Option<KafkaOutput>,
+    parquet: Option<parquet::ParquetOutput>,
+    postgres: Option<postgres::PostgresOutput>,
+    dead_letters: DeadLetters,
+    stats: Arc<OutputStats>,
     /// The node whose id a `dir` output claims before its first write, and whether it has.
     claim: Option<(Identity, AtomicBool)>,
 }
 
 impl Output {
-    /// Builds the output (for `kafka`: creates the producer).
+    /// Builds output number `position` (1-based) of the configuration (for `kafka`: creates
+    /// the producer; nothing connects anywhere yet).
     ///
     /// # Errors
     /// A description of why the configuration is refused.
-    pub fn new(config: &OutputConfig) -> Result<Output, String> {
+    pub fn new(config: &OutputConfig, position: usize) -> Result<Output, String> {
+        config.validate()?;
         let kafka = match config {
             OutputConfig::Kafka(c) => Some(KafkaOutput::new(c.clone()).map_err(|e| e.to_string())?),
             _ => None,
         };
-        Ok(Output {
+        let parquet = match config {
+            OutputConfig::Parquet(c) => Some(parquet::ParquetOutput::new(c)?),
+            _ => None,
+        };
+        let postgres = match config {
+            OutputConfig::Postgres(c) => Some(postgres::PostgresOutput::new(c)?),
+            _ => None,
+        };
+        let mut out = Output {
             config: config.clone(),
+            position,
             kafka,
+            parquet,
+            postgres,
+            dead_letters: DeadLetters::new(None, position, String::new()),
+            stats: Arc::default(),
             claim: None,
-        })
+        };
+        out.dead_letters =
+            DeadLetters::new(config.dead_letter().cloned(), position, out.describe());
+        Ok(out)
     }
 
     /// Makes a `dir` output claim `identity`'s node id in its directory before it writes
@@ -301,9 +376,19 @@ impl Output {
         &self.config
     }
 
+    /// Its place in the configuration (1-based).
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
     /// The Kafka producer of a `kafka` output.
     pub fn kafka(&self) -> Option<&KafkaOutput> {
         self.kafka.as_ref()
+    }
+
+    /// What it has written.
+    pub fn stats(&self) -> &Arc<OutputStats> {
+        &self.stats
     }
 
     /// A short description for job names and logs, e.g. `dir out/` or `kafka topic events`.
@@ -313,66 +398,118 @@ impl Output {
             OutputConfig::Stdout { .. } => "stdout".into(),
             OutputConfig::Discard => "discard".into(),
             OutputConfig::Kafka(c) => format!("kafka topic {}", c.topic),
+            OutputConfig::Parquet(c) => format!("parquet {}", c.destination()),
+            OutputConfig::Postgres(c) => format!("postgres table {}", c.table),
         }
     }
 
-    /// Writes `batch` to the output. Blocking.
+    /// Writes `batch` to the output and counts it. Blocking.
     ///
     /// # Errors
     /// [`OutputError`]; the batch is then not complete and is retried.
     pub fn write(&self, batch: &Batch) -> Result<(), OutputError> {
+        let t0 = Instant::now();
+        match self.write_batch(batch) {
+            Ok(w) => {
+                self.stats.succeeded(w, t0.elapsed());
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.failed();
+                Err(e)
+            }
+        }
+    }
+
+    fn write_batch(&self, batch: &Batch) -> Result<Written, OutputError> {
         match (&self.config, &self.kafka) {
             (OutputConfig::Stdout { format }, _) => {
                 let stdout = io::stdout();
                 let mut out = BufWriter::new(stdout.lock());
-                write_batch(&mut out, batch, *format)?;
-                out.flush().map_err(io_err("write", Path::new("<stdout>")))
+                let w = write_batch(&mut out, batch, *format)?;
+                out.flush()
+                    .map_err(io_err("write", Path::new("<stdout>")))?;
+                Ok(w)
             }
             (OutputConfig::Discard, _) => {
-                let n: usize = batch.map_partitions(|it| it.count())?.into_iter().sum();
-                debug_assert_eq!(n as u64, batch.count());
-                Ok(())
+                let counts = batch.map_partitions(|it| {
+                    it.fold((0u64, 0u64), |(n, b), r| {
+                        (n + 1, b + r.payload.len() as u64)
+                    })
+                })?;
+                let (n, b) = counts
+                    .into_iter()
+                    .fold((0, 0), |(n, b), (n2, b2)| (n + n2, b + b2));
+                debug_assert_eq!(n, batch.count());
+                Ok(Written::records(n, b))
             }
             // An empty batch writes no file: a file per idle second helps nobody, and a re-run
             // of an empty batch is empty too.
-            (OutputConfig::Dir { .. }, _) if batch.is_empty() => Ok(()),
+            (OutputConfig::Dir { .. }, _) if batch.is_empty() => Ok(Written::default()),
             (OutputConfig::Dir { path, format }, _) => {
                 self.claim()?;
-                write_dir(path, batch, *format)
+                let name = batch_file_name(batch.time(), batch.node_id(), *format);
+                let mut w = Written::default();
+                write_atomically(path, &name, |out| {
+                    w = write_batch(out, batch, *format)?;
+                    Ok(())
+                })?;
+                Ok(w)
             }
-            (OutputConfig::Kafka(_), _) if batch.is_empty() => Ok(()),
+            (OutputConfig::Kafka(_), _) if batch.is_empty() => Ok(Written::default()),
             (OutputConfig::Kafka(_), Some(kafka)) => {
                 let time = batch.time().to_string();
                 let mut delivery = kafka.batch()?.with_headers(&[
                     (NODE_HEADER, batch.node_id().as_bytes()),
                     (BATCH_TIME_HEADER, time.as_bytes()),
                 ]);
+                let mut bytes = 0;
                 batch.for_each_block(|_, records| {
                     for r in records {
+                        bytes += r.payload.len() as u64;
                         delivery.send(&r)?;
                     }
                     Ok::<(), OutputError>(())
                 })?;
                 let delivered = delivery.finish()?;
                 tracing::debug!(time = batch.time(), records = delivered, topic = %kafka.config().topic, "batch delivered to Kafka");
-                Ok(())
+                Ok(Written::records(delivered, bytes))
             }
             (OutputConfig::Kafka(c), None) => Err(OutputError::Kafka(KafkaOutputError::Create(
                 format!("the output for topic {:?} was not built", c.topic),
             ))),
+            (OutputConfig::Parquet(_), _) => match &self.parquet {
+                Some(p) => p.write(batch, &self.dead_letters),
+                None => Err(OutputError::Destination(
+                    "the parquet output was not built".into(),
+                )),
+            },
+            (OutputConfig::Postgres(_), _) => match &self.postgres {
+                Some(p) => p.write(batch, &self.dead_letters),
+                None => Err(OutputError::Destination(
+                    "the postgres output was not built".into(),
+                )),
+            },
         }
     }
 }
 
-/// Temp file, fsync, rename, fsync the directory: a reader sees the whole batch file or none,
-/// and a re-run writes the same name with the same contents. A failed attempt removes its temp
-/// file (on a full disk, that is the space the retry needs).
-fn write_dir(dir: &Path, batch: &Batch, format: OutputFormat) -> Result<(), OutputError> {
+/// Writes the file `name` in `dir` (created if missing) atomically: a temp file, `fill`, fsync,
+/// rename, fsync the directory. A reader sees the whole file or none, and a re-run writes the
+/// same name with the same contents. A failed attempt removes its temp file (on a full disk,
+/// that is the space the retry needs). `fill`'s I/O errors name the temp file.
+///
+/// # Errors
+/// [`OutputError::Io`] naming the step and the file, or `fill`'s error.
+pub fn write_atomically(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), OutputError>,
+) -> Result<(), OutputError> {
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-    let name = batch_file_name(batch.time(), batch.node_id(), format);
     let tmp = dir.join(format!(".{name}.tmp"));
-    let dest = dir.join(&name);
-    let written = write_file(dir, batch, format, &tmp, &dest);
+    let dest = dir.join(name);
+    let written = write_file(dir, &tmp, &dest, fill);
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -381,10 +518,9 @@ fn write_dir(dir: &Path, batch: &Batch, format: OutputFormat) -> Result<(), Outp
 
 fn write_file(
     dir: &Path,
-    batch: &Batch,
-    format: OutputFormat,
     tmp: &Path,
     dest: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), OutputError>,
 ) -> Result<(), OutputError> {
     let file = OpenOptions::new()
         .write(true)
@@ -393,7 +529,7 @@ fn write_file(
         .open(tmp)
         .map_err(io_err("create", tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    match write_batch(&mut out, batch, format) {
+    match fill(&mut out) {
         Ok(()) => {}
         Err(OutputError::Io { what, source, .. }) => {
             return Err(OutputError::Io {
@@ -417,9 +553,20 @@ fn write_file(
     Ok(())
 }
 
-/// A `kafka` output's delivery counters (nothing for other outputs).
+impl From<io::Error> for OutputError {
+    fn from(source: io::Error) -> Self {
+        OutputError::Io {
+            what: "write",
+            path: PathBuf::from("<output>"),
+            source,
+        }
+    }
+}
+
+/// Every output's counters (`weir_output_*`) and a `kafka` output's delivery counters.
 impl weir_receiver::ConnectorStats for Output {
     fn report(&self, out: &mut dyn FnMut(weir_receiver::Stat<'_>)) {
+        self.stats.report(out);
         if let Some(k) = self.kafka() {
             k.report(out);
         }
