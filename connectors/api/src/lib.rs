@@ -46,11 +46,13 @@ use std::task::{Context, Poll};
 
 mod backoff;
 mod config_error;
+mod dead_letter;
 mod stats;
 
 pub use backoff::Backoff;
 pub use bytes::Bytes;
 pub use config_error::ConfigError;
+pub use dead_letter::DeadLetterConfig;
 pub use stats::{stat_names, unreported_fields, ConnectorStats, Stat, StatKind};
 use tokio::sync::watch;
 

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod direct;
+pub mod exactly_once;
 pub mod replica;
 mod stats;
 pub use direct::{DirectStats, KafkaDirectSource};
@@ -945,6 +946,7 @@ fn update_lag(c: &BaseConsumer<Ctx>, stats: &KafkaStats) {
 
 // The output direction: batches produced to a topic (see the module).
 pub mod output;
+pub use exactly_once::{Sent, Transaction as KafkaTransaction, TransactionalOutput};
 pub use output::{
     BatchDelivery, KafkaOutput, KafkaOutputConfig, KafkaOutputError, KafkaOutputStats,
 };

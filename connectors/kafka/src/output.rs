@@ -44,10 +44,31 @@ pub struct KafkaOutputConfig {
     /// through. The keys weir sets are refused here: see [`KafkaOutputConfig::validate`].
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Each batch in one Kafka transaction with a record of the batch in `batches_topic`, so
+    /// that a re-run batch is not produced twice for `read_committed` consumers (see
+    /// [`crate::exactly_once`]). Default false: at-least-once per batch.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// With `exactly_once`: the compacted topic recording each node's last committed batch
+    /// (created if missing). Default `<topic>.weir-batches`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches_topic: Option<String>,
+    /// With `exactly_once`: the producer's `transaction.timeout.ms` (at least
+    /// `delivery_timeout_ms`). A crashed node's open transaction holds `read_committed`
+    /// consumers back for at most this long (or until the node restarts). Default 60000.
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
+    /// Where records the topic cannot take go (too large), with the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<weir_receiver::DeadLetterConfig>,
 }
 
 fn default_delivery_timeout_ms() -> u64 {
     30_000
+}
+
+fn default_transaction_timeout_ms() -> u64 {
+    60_000
 }
 
 /// Producer properties weir sets and a configuration may not override.
@@ -73,7 +94,18 @@ impl KafkaOutputConfig {
             topic: topic.into(),
             delivery_timeout_ms: default_delivery_timeout_ms(),
             properties: BTreeMap::new(),
+            exactly_once: false,
+            batches_topic: None,
+            transaction_timeout_ms: default_transaction_timeout_ms(),
+            dead_letter: None,
         }
+    }
+
+    /// The batches topic of an `exactly_once` output.
+    pub fn batches_topic(&self) -> String {
+        self.batches_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.weir-batches", self.topic))
     }
 
     /// Checks the required keys, the limits and every passed-through property (with
@@ -88,14 +120,7 @@ impl KafkaOutputConfig {
         if self.topic.is_empty() {
             return Err("topic is required".into());
         }
-        if self.topic.len() > 249
-            || self.topic == "."
-            || self.topic == ".."
-            || !self
-                .topic
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
+        if !valid_topic(&self.topic) {
             return Err(format!(
                 "topic {:?} is not a valid Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)",
                 self.topic
@@ -106,6 +131,25 @@ impl KafkaOutputConfig {
                 "delivery_timeout_ms must be between 1 and {}",
                 i32::MAX
             ));
+        }
+        if self.exactly_once {
+            if self.transaction_timeout_ms < self.delivery_timeout_ms
+                || self.transaction_timeout_ms > i32::MAX as u64
+            {
+                return Err(format!(
+                    "transaction_timeout_ms ({}) must be at least delivery_timeout_ms ({})",
+                    self.transaction_timeout_ms, self.delivery_timeout_ms
+                ));
+            }
+            let b = self.batches_topic();
+            if b == self.topic || !valid_topic(&b) {
+                return Err(format!(
+                    "batches_topic {b:?} must be a valid Kafka topic name other than `topic`"
+                ));
+            }
+        }
+        if let Some(d) = &self.dead_letter {
+            d.validate()?;
         }
         for k in OUTPUT_RESERVED {
             if self.properties.contains_key(k) {
@@ -120,7 +164,23 @@ impl KafkaOutputConfig {
         Ok(())
     }
 
-    fn client_config(&self) -> ClientConfig {
+    /// The passed-through properties and the bootstrap servers (for admin and reader clients).
+    pub(crate) fn plain_client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for (k, v) in &self.properties {
+            // Producer-only properties would make librdkafka warn in other clients.
+            if !matches!(
+                k.as_str(),
+                "compression.type" | "linger.ms" | "batch.size" | "message.max.bytes"
+            ) {
+                c.set(k, v);
+            }
+        }
+        c.set("bootstrap.servers", &self.bootstrap_servers);
+        c
+    }
+
+    pub(crate) fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         for (k, v) in &self.properties {
             c.set(k, v);
@@ -131,6 +191,16 @@ impl KafkaOutputConfig {
             .set("message.timeout.ms", self.delivery_timeout_ms.to_string());
         c
     }
+}
+
+/// 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// librdkafka's configuration errors, worded for a configuration file.
@@ -189,6 +259,20 @@ pub enum KafkaOutputError {
         /// librdkafka's reason.
         reason: String,
     },
+}
+
+impl KafkaOutputError {
+    /// True if the producer refused the record for its size (`message.max.bytes`): the record,
+    /// not the destination, is the problem (a dead letter).
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            KafkaOutputError::Produce {
+                error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                ..
+            }
+        )
+    }
 }
 
 /// Counters of a [`KafkaOutput`].

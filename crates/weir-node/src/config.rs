@@ -305,9 +305,23 @@ impl NodeConfig {
                     .into(),
             );
         }
+        let mut transactional: Vec<&str> = Vec::new();
         for (i, o) in self.outputs.iter().enumerate() {
             o.validate()
                 .map_err(|e| format!("[[output]] #{} type = {:?}: {e}", i + 1, o.type_name()))?;
+            // One transactional producer per node and topic (its transactional.id).
+            if let OutputConfig::Kafka(k) = o {
+                if k.exactly_once {
+                    if transactional.contains(&k.topic.as_str()) {
+                        return Err(format!(
+                            "[[output]] #{}: a second exactly_once kafka output to topic {:?}:                              one per topic and node",
+                            i + 1,
+                            k.topic
+                        ));
+                    }
+                    transactional.push(&k.topic);
+                }
+            }
         }
         if self.log.level.trim().is_empty() {
             return Err("[log] level must not be empty".into());

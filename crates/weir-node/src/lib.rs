@@ -106,11 +106,7 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         }
         let name = format!("output {} ({})", i + 1, out.describe());
         let out = Arc::new(out);
-        ctx.add_metrics(stats::output(i + 1, out.clone()).with_histogram(
-            "weir_output_write_seconds",
-            "One successful write of a non-empty batch to the destination, seconds.",
-            out.stats().write_seconds.clone(),
-        ));
+        ctx.add_metrics(stats::output(i + 1, out.clone()));
         ctx.foreach_batch(name, move |batch| {
             out.write(batch)
                 .map_err(|e| Box::new(e) as weir::stream::JobError)

@@ -16,9 +16,15 @@ pub fn receiver(name: &str, stats: Arc<dyn ConnectorStats>) -> LabelledStats {
     LabelledStats::new("receiver", name, stats)
 }
 
-/// `stats` of the output at `position` (1-based) in the configuration.
-pub fn output(position: usize, stats: Arc<dyn ConnectorStats>) -> LabelledStats {
-    LabelledStats::new("output", position.to_string(), stats)
+/// The metrics of the output at `position` (1-based) in the configuration: its counters (and
+/// a Kafka output's), and its write-latency histogram.
+pub fn output(position: usize, output: Arc<crate::output::Output>) -> LabelledStats {
+    let histogram = output.stats().write_seconds.clone();
+    LabelledStats::new("output", position.to_string(), output).with_histogram(
+        "weir_output_write_seconds",
+        "One successful write of a non-empty batch to the destination, seconds.",
+        histogram,
+    )
 }
 
 /// `/metrics` and `/health` of a pull sink (`receiver-node sink`): its push side (the Flume
@@ -125,6 +131,9 @@ mod tests {
         metrics.receiver("r");
         let registry =
             weir::stream::MetricsRegistry::new(metrics, Arc::new(weir::wal::WalMetrics::default()));
+        let discard = crate::output::Output::new(&crate::output::OutputConfig::Discard, 1)
+            .expect("a discard output");
+        registry.add_stats(output(1, Arc::new(discard)));
         let text = registry.prometheus_text();
         let mut names = BTreeSet::new();
         for line in text.lines() {
@@ -138,10 +147,8 @@ mod tests {
         let kafka = weir_kafka::KafkaStats::default();
         lock(&kafka.lag).insert(("t".into(), 0), 0);
         let output = weir_kafka::KafkaOutput::new(weir_kafka::KafkaOutputConfig {
-            bootstrap_servers: "127.0.0.1:1".into(),
-            topic: "t".into(),
             delivery_timeout_ms: 1000,
-            properties: Default::default(),
+            ..weir_kafka::KafkaOutputConfig::new("127.0.0.1:1", "t")
         })
         .expect("a producer is created without a broker");
         let sources: Vec<Box<dyn ConnectorStats>> = vec![
@@ -149,6 +156,7 @@ mod tests {
             Box::new(kafka),
             Box::new(weir_kafka::DirectStats::default()),
             Box::new(output),
+            Box::new(crate::output::OutputStats::default()),
             Box::new(weir_flume::FlumeSourceStats::default()),
             Box::new(weir_flume::FlumePullStats::default()),
             Box::new(weir_flume::sink_server::PullServerStats::default()),

@@ -841,4 +841,148 @@ mod real_kafka {
         );
         drop(b);
     }
+
+    /// Sends `payloads` as frames to a socket receiver on `port` and waits for their
+    /// acknowledgement.
+    fn send_frames(port: u16, payloads: &[Vec<u8>]) {
+        use std::io::{Read, Write};
+        wait_until("the node listening", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut frames = Vec::new();
+        for p in payloads {
+            frames.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            frames.extend_from_slice(p);
+        }
+        s.write_all(&frames).unwrap();
+        let mut acked = 0;
+        while acked < payloads.len() {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).unwrap();
+            acked = u64::from_be_bytes(b) as usize;
+        }
+    }
+
+    /// `exactly_once = true`: node A produces batches to the topic in transactions, but a
+    /// second output (a `dir` whose path is a file) keeps them from completing; A is SIGKILLed
+    /// and restarted on its data directory, so its batches run again. A `read_committed`
+    /// consumer must see every record exactly once, the re-runs must be skipped (the batches
+    /// topic shows them committed), and records over `message.max.bytes` go to the dead-letter
+    /// directory with the reason while the rest of their batch is produced.
+    #[test]
+    fn an_exactly_once_output_produces_each_record_once_across_a_kill_and_rerun() {
+        let _serial = one_at_a_time();
+        let broker = kafka::shared();
+        let (bs, _logs) = (broker.bootstrap(), broker.logs_on_failure());
+        let topic = unique("eos-out");
+        create_topic(&bs, &topic, 3, 1, &[]);
+        let scratch = Scratch::new("real-kafka-eos");
+        let dir = scratch.path();
+        let blocker = dir.join("blocked");
+        fs::write(&blocker, "a file where a directory should be").unwrap();
+        let dead = dir.join("dead");
+        let port = free_port();
+        let mport = free_port();
+        let config = dir.join("a.toml");
+        fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nnode_id = \"eos-a\"\n\
+                 [engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\njob_retry_max_ms = 500\n\
+                 [[receiver]]\nname = \"frames\"\ntype = \"socket\"\nmode = \"listen\"\n\
+                 address = \"127.0.0.1:{port}\"\nprotocol = \"frames\"\n\
+                 [[output]]\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ntopic = \"{topic}\"\n\
+                 exactly_once = true\ndead_letter = {{ type = \"dir\", path = {:?} }}\n\
+                 [output.properties]\n\"message.max.bytes\" = \"10000\"\n\
+                 [[output]]\ntype = \"dir\"\npath = {:?}\n\
+                 [metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+                dir.join("a-data").display().to_string(),
+                dead.display().to_string(),
+                blocker.display().to_string()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("a.log");
+        let a = spawn(&config, &log);
+        wait_healthy(mport);
+        let small: Vec<Vec<u8>> = (0..1500).map(|i| format!("m{i}").into_bytes()).collect();
+        let big: Vec<Vec<u8>> = (0..3).map(|i| vec![b'a' + i; 20_000]).collect();
+        send_frames(port, &small[..700]);
+        send_frames(port, &big);
+        send_frames(port, &small[700..]);
+        // Batches run one at a time: the first one with records is committed to Kafka and then
+        // held by the failing directory, and every later batch waits behind it.
+        wait_until(
+            "a batch committed to the topic",
+            Duration::from_secs(60),
+            || !read_all(&bs, &topic, true).is_empty(),
+        );
+        drop(a); // SIGKILL: that batch is in Kafka, not complete
+        fs::remove_file(&blocker).unwrap();
+        let a = spawn(&config, &log);
+        wait_healthy(mport);
+        wait_until("every record committed", Duration::from_secs(60), || {
+            read_all(&bs, &topic, true).len() >= 1500
+        });
+        // The batch records: this node's key, increasing times, one per non-empty batch.
+        let mut times = Vec::new();
+        kafka::read_each(&bs, &format!("{topic}.weir-batches"), true, |m| {
+            use rdkafka::Message;
+            assert_eq!(m.key(), Some(format!("{topic}/eos-a").as_bytes()));
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            times.push(v["batch_time"].as_u64().unwrap());
+        });
+        assert!(
+            !times.is_empty() && times.windows(2).all(|w| w[0] < w[1]),
+            "{times:?}"
+        );
+        // Every one of those batches ran again and completed: the second output (now a
+        // directory) has a file for each.
+        wait_until(
+            "every batch run again and completed",
+            Duration::from_secs(60),
+            || fs::read_dir(&blocker).map_or(0, |d| d.count()) > times.len(),
+        );
+        assert!(
+            metric(mport, "weir_output_batches_skipped_total{output=\"1\"}")
+                .is_some_and(|n| n >= 1),
+            "the batch committed before the kill was not skipped"
+        );
+        let committed = read_all(&bs, &topic, true);
+        for p in &small {
+            assert_eq!(committed.get(p), Some(&1), "{}", String::from_utf8_lossy(p));
+        }
+        assert_eq!(
+            committed.len(),
+            1500,
+            "records nobody sent, or the big ones"
+        );
+        let lines: Vec<serde_json::Value> = fs::read_dir(&dead)
+            .unwrap()
+            .flatten()
+            .flat_map(|e| {
+                fs::read_to_string(e.path())
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for l in &lines {
+            assert!(
+                l["reason"].as_str().unwrap().contains("message.max.bytes"),
+                "{l}"
+            );
+            assert_eq!(l["record"]["payload"].as_str().unwrap().len(), 20_000);
+        }
+        let text = fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("batch already committed to Kafka (a re-run): skipped"),
+            "{text}"
+        );
+        drop(a);
+    }
 }

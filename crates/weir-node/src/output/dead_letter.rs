@@ -12,6 +12,10 @@
 //! written would lose them (the re-run would find the batch done and skip it). A re-run batch
 //! rejects the same records and rewrites the same file.
 //!
+//! A `kafka` dead-letter output produces each rejected record (payload, key, headers) with the
+//! headers `weir.reason`, `weir.output`, `weir.node` and `weir.batch_time`; a re-run batch
+//! produces its rejects again (at-least-once there).
+//!
 //! A `dir` dead-letter output writes one file per batch and output that rejected anything:
 //! `dead-<batch time, 16 digits>-<node_id>-output<position>.jsonl`, atomically (temp file,
 //! fsync, rename), each line `{"reason": ..., "output": ..., "batch_time": ..., "record": {...}}`
@@ -19,40 +23,15 @@
 //! node).
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use weir::batch::Batch;
+use weir_kafka::{KafkaOutput, KafkaOutputConfig};
 use weir_receiver::Record;
 
+pub use weir_receiver::DeadLetterConfig;
+
 use super::{write_atomically, write_record, OutputError, OutputFormat};
-
-/// Where an output's rejected records go (`dead_letter = { type = "dir", path = "..." }`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum DeadLetterConfig {
-    /// One jsonl file per batch that had rejects, in `path` (created if missing).
-    Dir {
-        /// The directory.
-        path: PathBuf,
-    },
-}
-
-impl DeadLetterConfig {
-    /// Checks the settings.
-    ///
-    /// # Errors
-    /// A message naming the key.
-    pub fn validate(&self) -> Result<(), String> {
-        match self {
-            DeadLetterConfig::Dir { path } if path.as_os_str().is_empty() => {
-                Err("dead_letter: `path` must not be empty".into())
-            }
-            DeadLetterConfig::Dir { .. } => Ok(()),
-        }
-    }
-}
 
 /// One record an output could not accept.
 #[derive(Debug, Clone)]
@@ -92,9 +71,11 @@ impl Rejects {
 
 /// An output's dead-letter destination (or its absence), with the output's name for files and
 /// lines.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeadLetters {
     config: Option<DeadLetterConfig>,
+    /// The producer of a `kafka` dead-letter output.
+    kafka: Option<KafkaOutput>,
     /// `output<position>`, in file names.
     tag: String,
     /// The output's description, in each line.
@@ -103,12 +84,30 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// The dead letters of output number `position` (1-based), described as `output`.
-    pub fn new(config: Option<DeadLetterConfig>, position: usize, output: String) -> Self {
-        DeadLetters {
+    ///
+    /// # Errors
+    /// A `kafka` dead-letter output whose producer cannot be created.
+    pub fn new(
+        config: Option<DeadLetterConfig>,
+        position: usize,
+        output: String,
+    ) -> Result<Self, String> {
+        let kafka = match &config {
+            Some(DeadLetterConfig::Kafka {
+                bootstrap_servers,
+                topic,
+            }) => Some(
+                KafkaOutput::new(KafkaOutputConfig::new(bootstrap_servers, topic))
+                    .map_err(|e| format!("dead_letter: {e}"))?,
+            ),
+            _ => None,
+        };
+        Ok(DeadLetters {
             config,
+            kafka,
             tag: format!("output{position}"),
             output,
-        }
+        })
     }
 
     /// True if a dead-letter output is configured.
@@ -146,6 +145,28 @@ impl DeadLetters {
                     }
                     Ok(())
                 })
+            }
+            DeadLetterConfig::Kafka { .. } => {
+                let Some(kafka) = &self.kafka else {
+                    return Err(OutputError::Destination(
+                        "the kafka dead-letter output was not built".into(),
+                    ));
+                };
+                let time = batch.time().to_string();
+                let mut delivery = kafka.batch()?.with_headers(&[
+                    ("weir.output", self.output.as_bytes()),
+                    (super::NODE_HEADER, batch.node_id().as_bytes()),
+                    (super::BATCH_TIME_HEADER, time.as_bytes()),
+                ]);
+                for r in &rejects.0 {
+                    let record = r
+                        .record
+                        .clone()
+                        .with_header("weir.reason", r.reason.clone());
+                    delivery.send(&record)?;
+                }
+                delivery.finish()?;
+                Ok(())
             }
         }
     }

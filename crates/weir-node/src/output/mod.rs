@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use weir_kafka::{KafkaOutput, KafkaOutputError};
+use weir_kafka::{KafkaOutput, KafkaOutputError, Sent, TransactionalOutput};
 use weir_receiver::Record;
 
 use serde::{Deserialize, Serialize};
@@ -100,6 +100,7 @@ impl OutputConfig {
         match self {
             OutputConfig::Parquet(c) => c.dead_letter.as_ref(),
             OutputConfig::Postgres(c) => c.dead_letter.as_ref(),
+            OutputConfig::Kafka(c) => c.dead_letter.as_ref(),
             _ => None,
         }
     }
@@ -293,6 +294,8 @@ pub struct Output {
     /// Its place in the configuration (1-based): its metrics label and dead-letter file names.
     position: usize,
     kafka: Option<KafkaOutput>,
+    /// The producer of a `kafka` output with `exactly_once`.
+    kafka_tx: Option<TransactionalOutput>,
     parquet: Option<parquet::ParquetOutput>,
     postgres: Option<postgres::PostgresOutput>,
     dead_letters: DeadLetters,
@@ -310,7 +313,15 @@ impl Output {
     pub fn new(config: &OutputConfig, position: usize) -> Result<Output, String> {
         config.validate()?;
         let kafka = match config {
-            OutputConfig::Kafka(c) => Some(KafkaOutput::new(c.clone()).map_err(|e| e.to_string())?),
+            OutputConfig::Kafka(c) if !c.exactly_once => {
+                Some(KafkaOutput::new(c.clone()).map_err(|e| e.to_string())?)
+            }
+            _ => None,
+        };
+        let kafka_tx = match config {
+            OutputConfig::Kafka(c) if c.exactly_once => {
+                Some(TransactionalOutput::new(c.clone()).map_err(|e| e.to_string())?)
+            }
             _ => None,
         };
         let parquet = match config {
@@ -325,14 +336,15 @@ impl Output {
             config: config.clone(),
             position,
             kafka,
+            kafka_tx,
             parquet,
             postgres,
-            dead_letters: DeadLetters::new(None, position, String::new()),
+            dead_letters: DeadLetters::new(None, position, String::new())?,
             stats: Arc::default(),
             claim: None,
         };
         out.dead_letters =
-            DeadLetters::new(config.dead_letter().cloned(), position, out.describe());
+            DeadLetters::new(config.dead_letter().cloned(), position, out.describe())?;
         Ok(out)
     }
 
@@ -397,6 +409,9 @@ impl Output {
             OutputConfig::Dir { path, .. } => format!("dir {}", path.display()),
             OutputConfig::Stdout { .. } => "stdout".into(),
             OutputConfig::Discard => "discard".into(),
+            OutputConfig::Kafka(c) if c.exactly_once => {
+                format!("kafka topic {} (exactly once)", c.topic)
+            }
             OutputConfig::Kafka(c) => format!("kafka topic {}", c.topic),
             OutputConfig::Parquet(c) => format!("parquet {}", c.destination()),
             OutputConfig::Postgres(c) => format!("postgres table {}", c.table),
@@ -457,6 +472,9 @@ impl Output {
                 Ok(w)
             }
             (OutputConfig::Kafka(_), _) if batch.is_empty() => Ok(Written::default()),
+            (OutputConfig::Kafka(_), None) if self.kafka_tx.is_some() => {
+                self.write_transaction(batch)
+            }
             (OutputConfig::Kafka(_), Some(kafka)) => {
                 let time = batch.time().to_string();
                 let mut delivery = kafka.batch()?.with_headers(&[
@@ -464,16 +482,31 @@ impl Output {
                     (BATCH_TIME_HEADER, time.as_bytes()),
                 ]);
                 let mut bytes = 0;
-                batch.for_each_block(|_, records| {
+                let mut rejects = dead_letter::Rejects::default();
+                batch.for_each_block(|block, records| {
                     for r in records {
-                        bytes += r.payload.len() as u64;
-                        delivery.send(&r)?;
+                        match delivery.send(&r) {
+                            Ok(()) => bytes += r.payload.len() as u64,
+                            Err(e) if e.is_too_large() => {
+                                let reason = format!(
+                                    "Kafka: the record ({} bytes of payload) is larger than the \
+                                     producer's message.max.bytes",
+                                    r.payload.len()
+                                );
+                                rejects.push(&block.receiver, r, reason);
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                     Ok::<(), OutputError>(())
                 })?;
+                self.dead_letters.settle(batch, &rejects)?;
                 let delivered = delivery.finish()?;
                 tracing::debug!(time = batch.time(), records = delivered, topic = %kafka.config().topic, "batch delivered to Kafka");
-                Ok(Written::records(delivered, bytes))
+                Ok(Written {
+                    dead_letters: rejects.len() as u64,
+                    ..Written::records(delivered, bytes)
+                })
             }
             (OutputConfig::Kafka(c), None) => Err(OutputError::Kafka(KafkaOutputError::Create(
                 format!("the output for topic {:?} was not built", c.topic),
@@ -491,6 +524,44 @@ impl Output {
                 )),
             },
         }
+    }
+}
+
+impl Output {
+    /// A `kafka` output with `exactly_once`: the batch in one transaction (see
+    /// [`weir_kafka::exactly_once`]); skipped when the batches topic shows it committed.
+    fn write_transaction(&self, batch: &Batch) -> Result<Written, OutputError> {
+        let out = self
+            .kafka_tx
+            .as_ref()
+            .expect("called for a transactional output");
+        let Some(mut tx) = out.begin(batch.node_id(), batch.time())? else {
+            tracing::info!(batch = batch.time(), topic = %out.config().topic, "batch already committed to Kafka (a re-run): skipped");
+            return Ok(Written {
+                skipped: true,
+                ..Written::default()
+            });
+        };
+        let mut w = Written::default();
+        let mut rejects = dead_letter::Rejects::default();
+        batch.for_each_block(|block, records| {
+            for r in records {
+                match tx.send(&r)? {
+                    Sent::Sent => {
+                        w.records += 1;
+                        w.bytes += r.payload.len() as u64;
+                    }
+                    Sent::Rejected(reason) => rejects.push(&block.receiver, r, reason),
+                }
+            }
+            Ok::<(), OutputError>(())
+        })?;
+        // Before the commit: after it, a crash would lose them (the re-run is skipped). On an
+        // error the transaction is dropped, which aborts it.
+        self.dead_letters.settle(batch, &rejects)?;
+        tx.commit(w.records, rejects.len() as u64)?;
+        w.dead_letters = rejects.len() as u64;
+        Ok(w)
     }
 }
 
