@@ -38,7 +38,7 @@ const FENCE_LEN: u64 = FENCE.len() as u64 + 8;
 /// `[engine.replication]` with `kind = "object_store"`. Credentials not given here come from the
 /// usual environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 /// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ObjectStoreConfig {
     /// The bucket (must exist). Required.
@@ -117,6 +117,71 @@ impl ObjectStoreConfig {
     }
 }
 
+/// The S3 client `c` describes (validated first): its endpoint, region and keys, with those not
+/// given taken from the environment; few quick retries inside the client (whoever calls it
+/// retries on its own and counts and logs each failure, which a long silent client retry would
+/// hide) and `request_timeout_ms` per request. Connects nowhere: the first request does. The
+/// replica and the `parquet` output of `receiver-node` build their clients here.
+///
+/// # Errors
+/// The first invalid field ([`ObjectStoreConfig::validate`]), or a configuration the S3 client
+/// refuses.
+pub fn build_s3(c: &ObjectStoreConfig) -> Result<AmazonS3, ConfigError> {
+    c.validate()?;
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(&c.bucket);
+    if let Some(e) = &c.endpoint {
+        b = b.with_endpoint(e);
+    }
+    let allow_http = c.allow_http.unwrap_or_else(|| {
+        c.endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
+    });
+    let region = c
+        .region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".into());
+    b = b.with_region(region);
+    if let Some(k) = &c.access_key_id {
+        b = b.with_access_key_id(k);
+    }
+    if let Some(k) = &c.secret_access_key {
+        b = b.with_secret_access_key(k);
+    }
+    b = b
+        .with_retry(RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_millis(c.request_timeout_ms),
+            ..RetryConfig::default()
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_timeout(Duration::from_millis(c.request_timeout_ms))
+                .with_connect_timeout(Duration::from_millis(c.request_timeout_ms.min(5_000))),
+        )
+        // After the client options, which would reset it.
+        .with_allow_http(allow_http);
+    b.build()
+        .map_err(|e| ConfigError::new("endpoint", e.to_string()))
+}
+
+/// An object-store error as a sentence for logs: the client's message, and where credentials
+/// are looked for when the client found none (it then asked the cloud instance metadata
+/// service, which off a cloud instance fails in a way that does not say what is missing).
+pub fn explain(e: &OsError) -> String {
+    let e = e.to_string();
+    if e.contains("169.254.169.254") {
+        format!(
+            "{e} (no credentials were found: set access_key_id and secret_access_key, or \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; without them the client asked the \
+             instance metadata service at 169.254.169.254)"
+        )
+    } else {
+        e
+    }
+}
+
 /// A node's replica in an object store.
 #[derive(Debug)]
 pub struct ObjectStoreReplica {
@@ -128,20 +193,7 @@ pub struct ObjectStoreReplica {
 }
 
 fn unavailable(what: &str) -> impl FnOnce(OsError) -> ReplicaError + '_ {
-    move |e| {
-        let e = e.to_string();
-        // Without keys in the configuration or the environment, the client asks the cloud
-        // instance metadata service; off a cloud instance that fails in a way that does not
-        // say what is missing.
-        let hint = if e.contains("169.254.169.254") {
-            " (no credentials were found: set access_key_id and secret_access_key, or \
-             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; without them the client asked the \
-             instance metadata service at 169.254.169.254)"
-        } else {
-            ""
-        };
-        ReplicaError::Unavailable(format!("{what}: {e}{hint}"))
-    }
+    move |e| ReplicaError::Unavailable(format!("{what}: {}", explain(&e)))
 }
 
 impl ObjectStoreReplica {
@@ -167,46 +219,7 @@ impl ObjectStoreReplica {
     /// # Errors
     /// A configuration the S3 client refuses.
     pub fn from_config(c: &ObjectStoreConfig, node_id: &str) -> Result<Self, ConfigError> {
-        c.validate()?;
-        let mut b = AmazonS3Builder::from_env().with_bucket_name(&c.bucket);
-        if let Some(e) = &c.endpoint {
-            b = b.with_endpoint(e);
-        }
-        let allow_http = c.allow_http.unwrap_or_else(|| {
-            c.endpoint
-                .as_deref()
-                .is_some_and(|e| e.starts_with("http://"))
-        });
-        let region = c
-            .region
-            .clone()
-            .or_else(|| std::env::var("AWS_REGION").ok())
-            .unwrap_or_else(|| "us-east-1".into());
-        b = b.with_region(region);
-        if let Some(k) = &c.access_key_id {
-            b = b.with_access_key_id(k);
-        }
-        if let Some(k) = &c.secret_access_key {
-            b = b.with_secret_access_key(k);
-        }
-        // Few quick retries inside the client: the stage retries for ever on its own, and
-        // counts and logs each failure, which a long silent client retry would hide.
-        b = b
-            .with_retry(RetryConfig {
-                max_retries: 2,
-                retry_timeout: Duration::from_millis(c.request_timeout_ms),
-                ..RetryConfig::default()
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_timeout(Duration::from_millis(c.request_timeout_ms))
-                    .with_connect_timeout(Duration::from_millis(c.request_timeout_ms.min(5_000))),
-            )
-            // After the client options, which would reset it.
-            .with_allow_http(allow_http);
-        let s3: AmazonS3 = b
-            .build()
-            .map_err(|e| ConfigError::new("endpoint", e.to_string()))?;
+        let s3 = build_s3(c)?;
         Ok(Self::new(Arc::new(s3), &c.prefix, node_id))
     }
 
