@@ -32,6 +32,8 @@ pub struct Plan {
     pub lose_disk: bool,
     /// The node's `[engine.replication]` table, if any (the `node_id` then stays the same).
     pub replication: Option<String>,
+    /// A destination written beside the `dir` output and checked against it (`--to`).
+    pub to: Option<crate::dest::Destination>,
 }
 
 impl Plan {
@@ -62,7 +64,7 @@ impl Rng {
 /// acknowledged missing, nothing corrupt, something acknowledged, and a clean SIGTERM exit;
 /// `Err`: a usage or setup error.
 pub fn run(
-    plan: &Plan,
+    mut plan: Plan,
     open: impl FnOnce(&Path) -> Result<Box<dyn Feed>, String>,
 ) -> Result<bool, String> {
     plan.check()?;
@@ -94,6 +96,11 @@ pub fn run(
     let config = dir.join("node.toml");
     let log = dir.join("node.log");
     let mut feed = open(&dir)?;
+    if let Some(d) = &mut plan.to {
+        d.place(&dir);
+        d.prepare()?;
+    }
+    let plan = &plan;
     let data = dir.join("data");
     let receiver = feed.receiver();
     // With --lose-disk every restart is a new node: a new data directory and node id; with a
@@ -109,6 +116,11 @@ pub fn run(
             &data,
             &receiver,
             &out_dir,
+            &plan
+                .to
+                .as_ref()
+                .map(|d| d.output_toml())
+                .unwrap_or_default(),
             maddr,
         );
         if let Some(r) = &plan.replication {
@@ -193,6 +205,11 @@ pub fn run(
     let output = read_output(&out_dir)?;
     let l = lock(&shared.ledger);
     let v = Verdict::new(&l, &output);
+    // The destination must hold exactly what the batches hold.
+    let destination = match &plan.to {
+        Some(d) => Some((d.name(), d.read()?)),
+        None => None,
+    };
     let mut rec: Vec<u128> = recoveries.iter().map(Duration::as_millis).collect();
     rec.sort_unstable();
     println!("crash-harness report (seed {}):", plan.seed);
@@ -229,6 +246,36 @@ pub fn run(
     for line in feed.timings() {
         println!("  {line}");
     }
+    let mut same = true;
+    if let Some((name, (seen, corrupt))) = &destination {
+        let extra: u64 = seen
+            .iter()
+            .map(|(id, n)| u64::from(n.saturating_sub(output.seen.get(id).copied().unwrap_or(0))))
+            .sum();
+        let lost: u64 = output
+            .seen
+            .iter()
+            .map(|(id, n)| u64::from(n.saturating_sub(seen.get(id).copied().unwrap_or(0))))
+            .sum();
+        let once = output
+            .seen
+            .iter()
+            .filter(|(id, n)| **n == 1 && seen.get(id) == Some(&1))
+            .count();
+        println!(
+            "  destination {name}: {} records ({} distinct); beyond the batches: {extra}; \
+             short of the batches: {lost}; not records: {corrupt}; records once in both: {once}",
+            seen.values().map(|n| u64::from(*n)).sum::<u64>(),
+            seen.len()
+        );
+        same = extra == 0 && lost == 0 && *corrupt == 0;
+        // Batches a kill interrupted after the destination had them: run again, and skipped.
+        let skipped = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("(a re-run): skipped")
+            .count();
+        println!("  re-run batches the destination already held (skipped): {skipped}");
+    }
     let graceful = matches!(status, Some(s) if s.success());
     println!(
         "  graceful stop: {}",
@@ -243,7 +290,7 @@ pub fn run(
             &v.missing[..v.missing.len().min(10)]
         );
     }
-    let ok = v.ok() && graceful;
+    let ok = v.ok() && graceful && same;
     println!("  result: {}", if ok { "PASS" } else { "FAIL" });
     Ok(ok)
 }

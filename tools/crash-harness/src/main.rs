@@ -71,6 +71,7 @@ use feed::kafka::{self, KafkaFeed};
 use feed::socket::SocketFeed;
 use feed::Feed;
 
+mod dest;
 mod driver;
 mod feed;
 mod node;
@@ -90,6 +91,17 @@ enum Source {
     /// polls; events count as acknowledged when the sink answered the push `OK` (the sink then
     /// holds them until the node acks them durable).
     FlumePull,
+}
+
+/// `--to`: an exactly-once destination written beside the `dir` output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum To {
+    /// A PostgreSQL table (`--pg-url`; password from `PGPASSWORD`).
+    Postgres,
+    /// A Kafka topic with `exactly_once = true` (`--to-bootstrap`), read `read_committed`.
+    Kafka,
+    /// Parquet files in `<work dir>/parquet`, read with pyarrow (`--python`).
+    Parquet,
 }
 
 /// `--commit`: the Kafka receiver's `commit` setting.
@@ -174,6 +186,20 @@ struct Opts {
     /// with 3 replicas, or as many as there are brokers).
     #[arg(long, value_name = "HOST:PORT")]
     replica_kafka: Option<String>,
+    /// Also write every batch to this destination and check that it ends up holding exactly
+    /// what the batches hold: no record missing, none written twice by a re-run batch.
+    #[arg(long, value_enum)]
+    to: Option<To>,
+    /// `--to postgres`: the server and database (`postgresql://user@host:port/db`); the table
+    /// `crash_harness_<time>_<pid>` is created there. The password comes from `PGPASSWORD`.
+    #[arg(long, value_name = "URL")]
+    pg_url: Option<String>,
+    /// `--to kafka`: the cluster (a topic `crash-harness-out-<time>-<pid>` is created there).
+    #[arg(long, value_name = "HOST:PORT")]
+    to_bootstrap: Option<String>,
+    /// `--to parquet`: a Python interpreter with pyarrow (default: the repository's `.venv`).
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
     /// A real Kafka cluster to use instead of the in-process mock (Kafka source): a new topic
     /// of `--partitions` partitions, replicated to up to 3 brokers, is created there.
     #[arg(long, value_name = "HOST:PORT")]
@@ -211,7 +237,10 @@ fn run(o: &Opts) -> Result<bool, String> {
             )),
             (None, None) => None,
         },
+        to: None,
     };
+    let mut plan = plan;
+    plan.to = destination(o)?;
     plan.check()?;
     if o.source == Source::Kafka {
         kafka::check_options(o.rate, o.max_backlog)?;
@@ -221,7 +250,7 @@ fn run(o: &Opts) -> Result<bool, String> {
         return Err("--commit goes with --source kafka".into());
     }
     // The feed is built in the work directory, once the driver has made it.
-    driver::run(&plan, |dir| -> Result<Box<dyn Feed>, String> {
+    driver::run(plan, |dir| -> Result<Box<dyn Feed>, String> {
         Ok(match o.source {
             Source::Socket => Box::new(SocketFeed::new(o.producers)?),
             Source::Kafka => Box::new(KafkaFeed::new(
@@ -234,5 +263,44 @@ fn run(o: &Opts) -> Result<bool, String> {
             Source::Flume => Box::new(FlumeFeed::new(o.producers)?),
             Source::FlumePull => Box::new(FlumePullFeed::new(o.producers, dir)?),
         })
+    })
+}
+
+/// The `--to` destination, with its options checked.
+fn destination(o: &Opts) -> Result<Option<dest::Destination>, String> {
+    let stamp = format!(
+        "{}_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        std::process::id()
+    );
+    Ok(match o.to {
+        None => None,
+        Some(To::Postgres) => Some(dest::Destination::Postgres {
+            url: o
+                .pg_url
+                .clone()
+                .ok_or("--to postgres needs --pg-url postgresql://user@host:port/db")?,
+            table: format!("crash_harness_{stamp}"),
+        }),
+        Some(To::Kafka) => Some(dest::Destination::Kafka {
+            bootstrap: o.to_bootstrap.clone().ok_or(
+                "--to kafka needs --to-bootstrap HOST:PORT (a real cluster: transactions)",
+            )?,
+            topic: format!("crash-harness-out-{}", stamp.replace('_', "-")),
+        }),
+        Some(To::Parquet) => {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let python = o
+                .python
+                .clone()
+                .unwrap_or_else(|| root.join(".venv/bin/python"));
+            Some(dest::Destination::Parquet {
+                dir: PathBuf::from("parquet"),
+                python,
+                script: root.join("crates/weir-node/tests/read_parquet.py"),
+            })
+        }
     })
 }

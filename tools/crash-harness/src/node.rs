@@ -13,18 +13,21 @@ pub fn free_port() -> std::io::Result<u16> {
 }
 
 /// The node's configuration: `node_id`, fsync `always` (the default), WAL in `data_dir`, the
-/// feed's `[[receiver]]` section, a `dir` output in `lines` format, metrics (and `/health`) on
-/// `metrics`.
+/// feed's `[[receiver]]` section, any `more_outputs` and then a `dir` output in `lines` format
+/// (after them: a kill between a destination's write and the batch's completion makes the batch
+/// run again, which an exactly-once destination must skip),
+/// metrics (and `/health`) on `metrics`.
 pub fn config(
     node_id: &str,
     data_dir: &Path,
     receiver: &str,
     out_dir: &Path,
+    more_outputs: &str,
     metrics: SocketAddr,
 ) -> String {
     format!(
         "node_id = {node_id:?}\ndata_dir = {data:?}\n\n[engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\n\n\
-         {receiver}\n\
+         {receiver}\n{more_outputs}\
          [[output]]\ntype = \"dir\"\npath = {out:?}\nformat = \"lines\"\n\n[metrics]\naddress = \"{metrics}\"\n",
         data = data_dir.display().to_string(),
         out = out_dir.display().to_string(),

@@ -291,3 +291,58 @@ mod real_kafka_replica {
         assert!(report.contains("data directory deleted"), "{report}");
     }
 }
+
+mod real_exactly_once {
+    //! `--to`: kills while every batch also goes to an exactly-once destination, which must end
+    //! up holding exactly what the batches hold (no record missing, none written twice by a
+    //! batch that ran again after a kill).
+
+    fn same_as_the_batches(report: &str) {
+        assert!(
+            report.contains("beyond the batches: 0; short of the batches: 0; not records: 0"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn with_kills_a_postgres_table_holds_every_batch_exactly_once() {
+        use weir_testkit::peers::postgres::{self, PASSWORD};
+        let pg = postgres::shared();
+        let _logs = pg.logs_on_failure();
+        let url = pg.url();
+        let report = super::harness_passes_with(
+            &[
+                "--to", "postgres", "--pg-url", &url, "--seed", "5", "--min-ms", "300", "--max-ms",
+                "1200",
+            ],
+            4,
+            &[("PGPASSWORD", PASSWORD)],
+        );
+        assert!(report.contains("destination postgres table"), "{report}");
+        same_as_the_batches(&report);
+    }
+
+    #[test]
+    fn with_kills_an_exactly_once_kafka_topic_holds_every_batch_exactly_once() {
+        let k = weir_testkit::peers::kafka::shared();
+        let _logs = k.logs_on_failure();
+        let bootstrap = k.bootstrap();
+        let report = super::harness_passes(
+            &[
+                "--to",
+                "kafka",
+                "--to-bootstrap",
+                &bootstrap,
+                "--seed",
+                "6",
+                "--min-ms",
+                "500",
+                "--max-ms",
+                "1500",
+            ],
+            3,
+        );
+        assert!(report.contains("(exactly once)"), "{report}");
+        same_as_the_batches(&report);
+    }
+}

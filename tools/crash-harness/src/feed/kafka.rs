@@ -415,7 +415,7 @@ fn start_cluster(partitions: i32) -> Result<MockCluster<'static, DefaultProducer
 }
 
 /// Creates `topic` on the cluster at `bootstrap`, replicated to up to 3 brokers.
-fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), String> {
+pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), String> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
