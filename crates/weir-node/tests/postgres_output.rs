@@ -157,7 +157,7 @@ fn real_postgres_two_nodes_one_table_a_kill_and_a_rerun_leave_every_record_exact
         2 * total as u64
     );
     assert!(
-        log_of(&log_a).contains("batch already in PostgreSQL (a re-run): skipped"),
+        log_of(&log_a).contains("batch already at the destination (a re-run): skipped"),
         "{}",
         log_of(&log_a)
     );

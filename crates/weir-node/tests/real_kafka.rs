@@ -980,7 +980,7 @@ mod real_kafka {
         }
         let text = fs::read_to_string(&log).unwrap();
         assert!(
-            text.contains("batch already committed to Kafka (a re-run): skipped"),
+            text.contains("batch already at the destination (a re-run): skipped"),
             "{text}"
         );
         drop(a);

@@ -139,8 +139,8 @@ impl Destination {
             } => {
                 let out = Command::new(python)
                     .arg(script)
+                    .arg("local")
                     .arg(dir)
-                    .arg("--payloads")
                     .output()
                     .map_err(|e| format!("running {}: {e}", python.display()))?;
                 if !out.status.success() {
@@ -150,8 +150,10 @@ impl Destination {
                         String::from_utf8_lossy(&out.stderr).trim()
                     ));
                 }
-                for l in out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                    count(l);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .map_err(|e| format!("{}: its output: {e}", script.display()))?;
+                for row in v["rows"].as_array().into_iter().flatten() {
+                    count(row["payload"].as_str().unwrap_or_default().as_bytes());
                 }
             }
         }

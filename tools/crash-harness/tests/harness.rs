@@ -323,6 +323,31 @@ mod real_exactly_once {
     }
 
     #[test]
+    fn with_kills_a_parquet_directory_holds_every_batch_exactly_once_as_pyarrow_reads_it() {
+        let python = weir_testkit::python_importing(
+            "pyarrow",
+            "pyarrow, which reads the Parquet files back",
+        );
+        let report = super::harness_passes(
+            &[
+                "--to",
+                "parquet",
+                "--python",
+                &python.display().to_string(),
+                "--seed",
+                "7",
+                "--min-ms",
+                "300",
+                "--max-ms",
+                "1200",
+            ],
+            4,
+        );
+        assert!(report.contains("destination parquet"), "{report}");
+        same_as_the_batches(&report);
+    }
+
+    #[test]
     fn with_kills_an_exactly_once_kafka_topic_holds_every_batch_exactly_once() {
         let k = weir_testkit::peers::kafka::shared();
         let _logs = k.logs_on_failure();

@@ -426,6 +426,10 @@ impl Output {
         let t0 = Instant::now();
         match self.write_batch(batch) {
             Ok(w) => {
+                if w.skipped {
+                    tracing::info!(output = self.position, batch = batch.time(), destination = %self.describe(),
+                        "batch already at the destination (a re-run): skipped");
+                }
                 self.stats.succeeded(w, t0.elapsed());
                 Ok(())
             }
@@ -536,7 +540,6 @@ impl Output {
             .as_ref()
             .expect("called for a transactional output");
         let Some(mut tx) = out.begin(batch.node_id(), batch.time())? else {
-            tracing::info!(batch = batch.time(), topic = %out.config().topic, "batch already committed to Kafka (a re-run): skipped");
             return Ok(Written {
                 skipped: true,
                 ..Written::default()

@@ -540,7 +540,6 @@ impl PostgresOutput {
             .await
             .map_err(|e| self.err("reading the bookkeeping table", &e))?;
         if done.is_some() {
-            tracing::info!(batch = batch.time(), table = %self.config.table, "batch already in PostgreSQL (a re-run): skipped");
             let _ = tx.rollback().await;
             return Ok(None);
         }
