@@ -26,6 +26,52 @@ enum Dest<'a> {
         server: &'a S3Server,
         bucket: String,
     },
+    /// `path` on a MiniDFSCluster at `url`; read back by copying it to `local` first.
+    Hdfs {
+        url: String,
+        path: String,
+        local: PathBuf,
+    },
+}
+
+/// A client of the HDFS at `url`, and a runtime to drive it.
+fn hdfs(url: &str) -> (hdfs_native::Client, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = hdfs_native::ClientBuilder::new()
+        .with_url(url)
+        .with_io_runtime(rt.handle().clone())
+        .build()
+        .unwrap();
+    (client, rt)
+}
+
+/// Every file under `path` (relative names), with its contents.
+fn hdfs_files(url: &str, path: &str) -> Vec<(String, Vec<u8>)> {
+    let (client, rt) = hdfs(url);
+    rt.block_on(async {
+        let listing = match client.list_status(path, true).await {
+            Ok(l) => l,
+            Err(hdfs_native::HdfsError::FileNotFound(_)) => return Vec::new(),
+            Err(e) => panic!("listing {url}{path}: {e}"),
+        };
+        let mut out = Vec::new();
+        for f in listing.into_iter().filter(|f| !f.isdir) {
+            let mut r = client.read(&f.path).await.unwrap();
+            let bytes = r.read_bytes(r.file_length()).await.unwrap();
+            let rel = f
+                .path
+                .strip_prefix(path)
+                .unwrap_or(&f.path)
+                .trim_start_matches('/')
+                .to_string();
+            out.push((rel, bytes.to_vec()));
+        }
+        out.sort();
+        out
+    })
 }
 
 impl Dest<'_> {
@@ -49,6 +95,9 @@ impl Dest<'_> {
                  secret_access_key = {SECRET_KEY:?}\nrequest_timeout_ms = 1000\n",
                 server.endpoint()
             ),
+            Dest::Hdfs { url, path, .. } => {
+                format!("[output.hdfs]\nurl = {url:?}\npath = {path:?}\n")
+            }
         }
     }
 
@@ -63,6 +112,16 @@ impl Dest<'_> {
         match self {
             Dest::Dir(p) => {
                 cmd.arg("local").arg(p);
+            }
+            Dest::Hdfs { url, path, local } => {
+                let _ = std::fs::remove_dir_all(local);
+                for (name, bytes) in hdfs_files(url, path) {
+                    let f = local.join(name);
+                    std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                    std::fs::write(f, bytes).unwrap();
+                }
+                std::fs::create_dir_all(local).unwrap();
+                cmd.arg("local").arg(local);
             }
             Dest::S3 { server, bucket } => {
                 cmd.args([
@@ -94,6 +153,10 @@ impl Dest<'_> {
                 v.sort();
                 v
             }
+            Dest::Hdfs { url, path, .. } => hdfs_files(url, path)
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
             Dest::S3 { server, bucket } => {
                 let store = object_store::aws::AmazonS3Builder::new()
                     .with_endpoint(server.endpoint())
@@ -143,7 +206,7 @@ fn write_config(scratch: &Path, port: u16, mport: u16, dest: &Dest, extra: &str)
     // Keys before tables.
     let (before, after) = match dest {
         Dest::Dir(_) => (dest.toml(), String::new()),
-        Dest::S3 { .. } => (String::new(), dest.toml()),
+        Dest::S3 { .. } | Dest::Hdfs { .. } => (String::new(), dest.toml()),
     };
     std::fs::write(
         &cfg,
@@ -321,6 +384,9 @@ fn every_acknowledged_record_once(scratch: &Scratch, dest: &Dest) {
     let acked = AtomicUsize::new(0);
     let sent = frames_producer(&AtomicU16::new(port), "rec", 3000, &acked);
     stop(node);
+    // Stopping drops the output with its client runtime: no panic on the way out.
+    let log = std::fs::read_to_string(scratch.path().join("node.log")).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
     let read = dest.read();
     assert!(read["incomplete"].as_array().unwrap().is_empty(), "{read}");
     check_exactly_once(dest, &read, &sent);
@@ -349,6 +415,40 @@ fn a_node_writes_every_acknowledged_record_once_to_object_storage() {
     let scratch = Scratch::new("parquet-s3");
     let dest = Dest::s3(server, "parquet-once", true);
     every_acknowledged_record_once(&scratch, &dest);
+}
+
+#[test]
+fn real_hdfs_a_node_writes_every_acknowledged_record_once_to_a_minidfscluster() {
+    let cluster = weir_testkit::peers::hdfs::shared();
+    let _logs = cluster.logs_on_failure();
+    let scratch = Scratch::new("parquet-hdfs");
+    let dest = Dest::Hdfs {
+        url: cluster.url(),
+        path: "/weir/once".into(),
+        local: scratch.path().join("copy"),
+    };
+    every_acknowledged_record_once(&scratch, &dest);
+}
+
+#[test]
+fn real_hdfs_a_batch_interrupted_by_sigkill_is_written_again_without_duplicates() {
+    let cluster = weir_testkit::peers::hdfs::shared();
+    let _logs = cluster.logs_on_failure();
+    let scratch = Scratch::new("parquet-hdfs-kill");
+    let dest = Dest::Hdfs {
+        url: cluster.url(),
+        path: "/weir/killed".into(),
+        local: scratch.path().join("copy"),
+    };
+    let (read, _) = killed_and_restarted(&scratch, &dest, None);
+    // No temp file left behind in a complete batch, and no file twice.
+    let files = dest.files();
+    assert!(
+        !files.iter().any(|f| f.ends_with(".tmp")
+            && files.contains(&format!("{}/_SUCCESS", f.rsplit_once('/').unwrap().0))),
+        "{files:?}"
+    );
+    assert!(!read["batches"].as_array().unwrap().is_empty());
 }
 
 /// Kills the node (SIGKILL) while it writes and starts it again on the same data directory:

@@ -168,6 +168,10 @@ fn real_postgres_two_nodes_one_table_a_kill_and_a_rerun_leave_every_record_exact
         let status = n.wait_exit(Duration::from_secs(30), "no exit after SIGTERM");
         assert!(status.success(), "{status}");
     }
+    // Stopping drops the output with its client runtime: no panic on the way out.
+    for log in [log_a, dir.path().join("b.log")] {
+        assert!(!log_of(&log).contains("panicked"), "{}", log_of(&log));
+    }
 }
 
 #[test]

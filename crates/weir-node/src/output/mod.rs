@@ -568,6 +568,54 @@ impl Output {
     }
 }
 
+/// A runtime an output owns for its client (PostgreSQL, object storage, HDFS): `write` is
+/// called from blocking threads and drives it with `block_on`. Dropped without blocking: the
+/// output's last reference may go in an asynchronous context (the node's shutdown), where
+/// dropping a runtime the usual way panics.
+pub struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    /// A runtime with `workers` worker threads (0: a current-thread runtime) named `name`.
+    ///
+    /// # Errors
+    /// Why it could not be started.
+    pub fn new(name: &str, workers: usize) -> Result<IoRuntime, String> {
+        let mut b = if workers == 0 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers);
+            b
+        };
+        b.thread_name(name)
+            .enable_all()
+            .build()
+            .map(|rt| IoRuntime(Some(rt)))
+            .map_err(|e| format!("starting the {name} runtime: {e}"))
+    }
+}
+
+impl std::ops::Deref for IoRuntime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for IoRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IoRuntime")
+    }
+}
+
 /// Writes the file `name` in `dir` (created if missing) atomically: a temp file, `fill`, fsync,
 /// rename, fsync the directory. A reader sees the whole file or none, and a re-run writes the
 /// same name with the same contents. A failed attempt removes its temp file (on a full disk,

@@ -144,7 +144,7 @@ pub const FIXED_COLUMNS: [&str; 9] = [
 ];
 
 /// `[[output]] type = "parquet"`: see the [module documentation](self) for the layout, the
-/// columns and the completion marker. Exactly one of `path` and `object_store`.
+/// columns and the completion marker. Exactly one of `path`, `object_store` and `hdfs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParquetConfig {
@@ -157,6 +157,10 @@ pub struct ParquetConfig {
     /// `AWS_*` environment variables. The secret is never printed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store: Option<ObjectStoreConfig>,
+    /// `[output.hdfs]`: an HDFS directory (`url = "hdfs://namenode:8020"`, `path = "/weir/events"`),
+    /// written with the pure-Rust `hdfs-native` client (no JVM, no libhdfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdfs: Option<HdfsConfig>,
     /// Compression of every column. Default `zstd`.
     #[serde(default)]
     pub compression: ParquetCompression,
@@ -179,6 +183,17 @@ pub struct ParquetConfig {
     /// rejected record fails and is retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetterConfig>,
+}
+
+/// `[output.hdfs]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HdfsConfig {
+    /// The NameNode (`hdfs://host:port`), or a name service configured in the Hadoop
+    /// configuration files that `HADOOP_CONF_DIR` points to (`hdfs://ns`). Required.
+    pub url: String,
+    /// The directory files go under (absolute, created if missing). Required.
+    pub path: String,
 }
 
 fn default_max_file_bytes() -> u64 {
@@ -274,11 +289,12 @@ fn utc_ms() -> DataType {
 impl ParquetConfig {
     /// Where it writes, for logs: the directory, or `s3://<bucket>/<prefix>`.
     pub fn destination(&self) -> String {
-        match (&self.path, &self.object_store) {
-            (Some(p), _) => p.display().to_string(),
-            (None, Some(o)) if o.prefix.is_empty() => format!("s3://{}", o.bucket),
-            (None, Some(o)) => format!("s3://{}/{}", o.bucket, o.prefix),
-            (None, None) => "(no destination)".into(),
+        match (&self.path, &self.object_store, &self.hdfs) {
+            (Some(p), _, _) => p.display().to_string(),
+            (None, Some(o), _) if o.prefix.is_empty() => format!("s3://{}", o.bucket),
+            (None, Some(o), _) => format!("s3://{}/{}", o.bucket, o.prefix),
+            (None, None, Some(h)) => format!("{}{}", h.url.trim_end_matches('/'), h.path),
+            (None, None, None) => "(no destination)".into(),
         }
     }
 
@@ -287,14 +303,34 @@ impl ParquetConfig {
     /// # Errors
     /// A message naming the key.
     pub fn validate(&self) -> Result<(), String> {
-        match (&self.path, &self.object_store) {
-            (Some(_), Some(_)) | (None, None) => {
-                return Err(
-                    "set exactly one of `path` (a local directory) and `[output.object_store]` \
-                     (a bucket)"
-                        .into(),
-                )
+        let set = [
+            self.path.is_some(),
+            self.object_store.is_some(),
+            self.hdfs.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            return Err(
+                "set exactly one of `path` (a local directory), `[output.object_store]` (a \
+                 bucket) and `[output.hdfs]` (an HDFS directory)"
+                    .into(),
+            );
+        }
+        if let Some(h) = &self.hdfs {
+            if !h.url.starts_with("hdfs://") || h.url.len() <= "hdfs://".len() {
+                return Err(format!(
+                    "hdfs.url = {:?}: hdfs://namenode:port (or hdfs://nameservice)",
+                    h.url
+                ));
             }
+            if !h.path.starts_with('/') {
+                return Err(format!(
+                    "hdfs.path = {:?}: an absolute directory such as \"/weir/events\"",
+                    h.path
+                ));
+            }
+        }
+        match (&self.path, &self.object_store) {
+            (Some(_), Some(_)) | (None, None) => {}
             (Some(p), None) if p.as_os_str().is_empty() => {
                 return Err("`path` must not be empty".into())
             }
@@ -351,8 +387,14 @@ enum Dest {
         store: Arc<dyn ObjectStore>,
         bucket: String,
         root: KeyPath,
-        runtime: tokio::runtime::Runtime,
+        runtime: super::IoRuntime,
         multipart_above: usize,
+    },
+    Hdfs {
+        client: hdfs_native::Client,
+        url: String,
+        root: String,
+        runtime: super::IoRuntime,
     },
 }
 
@@ -361,6 +403,7 @@ impl std::fmt::Debug for Dest {
         match self {
             Dest::Dir(p) => write!(f, "Dir({})", p.display()),
             Dest::Store { bucket, root, .. } => write!(f, "Store(s3://{bucket}/{root})"),
+            Dest::Hdfs { url, root, .. } => write!(f, "Hdfs({url}{root})"),
         }
     }
 }
@@ -382,13 +425,28 @@ impl ParquetOutput {
     /// Why the configuration is refused.
     pub fn new(config: &ParquetConfig) -> Result<Self, String> {
         config.validate()?;
-        let dest = match (&config.path, &config.object_store) {
-            (Some(p), _) => Dest::Dir(p.clone()),
-            (None, Some(o)) => {
+        let dest = match (&config.path, &config.object_store, &config.hdfs) {
+            (Some(p), _, _) => Dest::Dir(p.clone()),
+            (None, Some(o), _) => {
                 let s3 = build_s3(o).map_err(|e| e.within("object_store").to_string())?;
                 Self::store_dest(Arc::new(s3), &o.bucket, &o.prefix)?
             }
-            (None, None) => unreachable!("validated"),
+            (None, None, Some(h)) => {
+                let runtime = io_runtime()?;
+                // The client connects on first use; building it only reads the configuration.
+                let client = hdfs_native::ClientBuilder::new()
+                    .with_url(&h.url)
+                    .with_io_runtime(runtime.handle().clone())
+                    .build()
+                    .map_err(|e| format!("hdfs.url = {:?}: {e}", h.url))?;
+                Dest::Hdfs {
+                    client,
+                    url: h.url.trim_end_matches('/').to_string(),
+                    root: h.path.trim_end_matches('/').to_string(),
+                    runtime,
+                }
+            }
+            (None, None, None) => unreachable!("validated"),
         };
         Ok(Self::with_dest(config, dest))
     }
@@ -408,14 +466,7 @@ impl ParquetOutput {
     }
 
     fn store_dest(store: Arc<dyn ObjectStore>, bucket: &str, prefix: &str) -> Result<Dest, String> {
-        // Its own threads: `write` is called from blocking threads, and a worker keeps the
-        // client's connections serviced between writes.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("weir-parquet-io")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("starting the parquet output's I/O runtime: {e}"))?;
+        let runtime = io_runtime()?;
         Ok(Dest::Store {
             store,
             bucket: bucket.to_string(),
@@ -596,7 +647,7 @@ impl ParquetOutput {
     fn bucket(&self) -> &str {
         match &self.dest {
             Dest::Store { bucket, .. } => bucket,
-            Dest::Dir(_) => "",
+            Dest::Dir(_) | Dest::Hdfs { .. } => "",
         }
     }
 
@@ -628,6 +679,19 @@ impl ParquetOutput {
                     Err(e) => Err(self.store_err("looking for", &key)(e)),
                 }
             }
+            Dest::Hdfs {
+                client,
+                url,
+                root,
+                runtime,
+            } => {
+                let path = format!("{root}/{dir}/{name}");
+                match runtime.block_on(client.get_file_info(&path)) {
+                    Ok(_) => Ok(true),
+                    Err(hdfs_native::HdfsError::FileNotFound(_)) => Ok(false),
+                    Err(e) => Err(hdfs_err("looking for", &format!("{url}{path}"))(e)),
+                }
+            }
         }
     }
 
@@ -635,6 +699,42 @@ impl ParquetOutput {
     /// on object storage (an existing object of the same size is an earlier attempt's).
     fn put(&self, dir: &str, name: &str, bytes: Vec<u8>) -> Result<(), OutputError> {
         match &self.dest {
+            // As in a local directory: a temp file closed (every DataNode of its pipeline has
+            // it), then renamed over the name. A reader sees the whole file or none.
+            Dest::Hdfs {
+                client,
+                url,
+                root,
+                runtime,
+            } => {
+                let d = format!("{root}/{dir}");
+                let tmp = format!("{d}/.{name}.tmp");
+                let dest = format!("{d}/{name}");
+                runtime.block_on(async {
+                    client
+                        .mkdirs(&d, 0o755, true)
+                        .await
+                        .map_err(hdfs_err("creating the directory", &format!("{url}{d}")))?;
+                    let opts = hdfs_native::WriteOptions {
+                        overwrite: true,
+                        ..Default::default()
+                    };
+                    let mut w = client
+                        .create(&tmp, opts)
+                        .await
+                        .map_err(hdfs_err("creating", &format!("{url}{tmp}")))?;
+                    w.write_bytes(Bytes::from(bytes))
+                        .await
+                        .map_err(hdfs_err("writing", &format!("{url}{tmp}")))?;
+                    w.close()
+                        .await
+                        .map_err(hdfs_err("closing", &format!("{url}{tmp}")))?;
+                    client
+                        .rename(&tmp, &dest, true)
+                        .await
+                        .map_err(hdfs_err("renaming into", &format!("{url}{dest}")))
+                })
+            }
             Dest::Dir(root) => write_atomically(&root.join(dir), name, |out| {
                 out.write_all(&bytes)?;
                 Ok(())
@@ -780,8 +880,48 @@ impl ParquetOutput {
                     Ok(())
                 })
             }
+            Dest::Hdfs {
+                client,
+                url,
+                root,
+                runtime,
+            } => {
+                let d = format!("{root}/{dir}");
+                runtime.block_on(async {
+                    let listing = match client.list_status(&d, false).await {
+                        Ok(l) => l,
+                        Err(hdfs_native::HdfsError::FileNotFound(_)) => return Ok(()),
+                        Err(e) => return Err(hdfs_err("listing", &format!("{url}{d}"))(e)),
+                    };
+                    for f in listing {
+                        let name = f.path.rsplit('/').next().unwrap_or_default().to_string();
+                        if stale(&name) {
+                            let path = format!("{d}/{name}");
+                            tracing::warn!(file = %path, "removing a file of an earlier attempt at the batch");
+                            client
+                                .delete(&path, false)
+                                .await
+                                .map_err(hdfs_err("deleting", &format!("{url}{path}")))?;
+                        }
+                    }
+                    Ok(())
+                })
+            }
         }
     }
+}
+
+/// The runtime of an output's object-store or HDFS client: its own threads, since `write` is
+/// called from blocking threads, and a worker keeps the client's connections serviced between
+/// writes.
+fn io_runtime() -> Result<super::IoRuntime, String> {
+    super::IoRuntime::new("weir-parquet-io", 1)
+}
+
+/// An HDFS error as the output reports it.
+fn hdfs_err(what: &str, path: &str) -> impl FnOnce(hdfs_native::HdfsError) -> OutputError {
+    let what = format!("parquet output: {what} {path}");
+    move |e| OutputError::Destination(format!("{what}: {e}"))
 }
 
 /// `part-00000.parquet`, `part-00001.parquet`, ...
@@ -1497,6 +1637,18 @@ mod tests {
         )
         .contains("columns.a.pointer"));
         assert!(toml::from_str::<ParquetConfig>("path = \"x\"\ncompresion = \"zstd\"\n").is_err());
+        assert!(
+            bad("path = \"x\"\n[hdfs]\nurl = \"hdfs://nn:8020\"\npath = \"/a\"\n")
+                .contains("exactly one")
+        );
+        assert!(bad("[hdfs]\nurl = \"http://nn:8020\"\npath = \"/a\"\n").contains("hdfs.url"));
+        assert!(bad("[hdfs]\nurl = \"hdfs://nn:8020\"\npath = \"a\"\n").contains("hdfs.path"));
+        let c: ParquetConfig =
+            toml::from_str("[hdfs]\nurl = \"hdfs://nn:8020/\"\npath = \"/weir/out\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.destination(), "hdfs://nn:8020/weir/out");
+        // Building it connects nowhere (nothing listens on that host).
+        ParquetOutput::new(&c).expect("built without connecting");
     }
 
     #[test]

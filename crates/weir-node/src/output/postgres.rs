@@ -258,7 +258,7 @@ pub struct PostgresOutput {
     config: PostgresConfig,
     pg: tokio_postgres::Config,
     sources: Vec<(String, Source)>,
-    rt: tokio::runtime::Runtime,
+    rt: super::IoRuntime,
     conn: Mutex<Option<Conn>>,
 }
 
@@ -343,10 +343,7 @@ impl PostgresOutput {
         if pg.get_application_name().is_none() {
             pg.application_name("weir");
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("starting the postgres output's runtime: {e}"))?;
+        let rt = super::IoRuntime::new("weir-postgres", 0)?;
         Ok(PostgresOutput {
             sources: config.sources(),
             config: config.clone(),

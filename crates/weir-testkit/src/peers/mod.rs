@@ -1,7 +1,7 @@
 //! Real peers for the interoperability tests: an Apache Kafka broker or cluster in KRaft mode
 //! ([`kafka`]), an Apache Flume agent, a Flume agent carrying Spark's sink ([`flume`]), and an
 //! S3-compatible object store ([`s3`], moto's server from PyPI), and a PostgreSQL server
-//! ([`postgres`], Debian's package).
+//! ([`postgres`], Debian's package), and an HDFS ([`hdfs`], Hadoop's MiniDFSCluster).
 //!
 //! Their jars come from Maven Central through the pinned lists in `interop/*.xml`, resolved by
 //! `interop/fetch` into the git-ignored `interop/lib/<peer>/` (done here on first use, and by
@@ -13,6 +13,7 @@
 //! shared peers, which are never dropped.
 
 pub mod flume;
+pub mod hdfs;
 pub mod kafka;
 pub mod postgres;
 pub mod s3;
