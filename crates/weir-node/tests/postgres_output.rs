@@ -374,3 +374,83 @@ fn real_postgres_down_or_a_wrong_password_holds_batches_until_it_is_back_and_los
     assert_eq!(metric(m, "weir_output_failing"), Some(0));
     sigterm(&node.0);
 }
+
+#[test]
+fn real_postgres_over_tls_rows_arrive_and_plain_text_or_an_unknown_ca_is_refused_with_a_clear_error(
+) {
+    // The server takes TCP connections only over TLS, with a certificate signed by a test CA.
+    let pg = PostgresServer::start_tls();
+    let _logs = pg.logs_on_failure();
+    let ca = pg.ca_file().expect("a TLS server has a CA").to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = password_file(dir.path(), PASSWORD);
+    let table = "secure_events";
+    let (port, m) = (free_port(), free_port());
+    let log = dir.path().join("n.log");
+    let phase = |tls: &str, wait_for: &str| {
+        let cfg = node_config(
+            dir.path(),
+            "n",
+            "tls-1",
+            port,
+            m,
+            &postgres_output(&pg, table, &pw, tls),
+        );
+        let log = dir
+            .path()
+            .join(format!("{}.log", wait_for.replace(' ', "-")));
+        let mut node = Node::start("run", &cfg, Some(&log));
+        wait_until(wait_for, Duration::from_secs(30), || {
+            log_of(&log).contains(wait_for) && metric(m, "weir_output_failing") == Some(1)
+        });
+        node.0.kill().unwrap();
+        node.0.wait().unwrap();
+    };
+    // Records first, acknowledged while nothing can reach the table.
+    let cfg = node_config(
+        dir.path(),
+        "n",
+        "tls-1",
+        port,
+        m,
+        &postgres_output(&pg, table, &pw, ""),
+    );
+    let node = Node::start("run", &cfg, Some(&log));
+    let acked = AtomicUsize::new(0);
+    let sent = frames_producer(&AtomicU16::new(port), "tls", 300, &acked);
+    drop(node);
+    // Plain text: the server says no.
+    phase("tls = \"disable\"", "no encryption");
+    // TLS, but the test CA is not among the system's roots: the certificate is refused.
+    phase("tls = \"require\"", "invalid peer certificate");
+    // TLS with the CA: everything arrives, once.
+    let cfg = node_config(
+        dir.path(),
+        "n",
+        "tls-1",
+        port,
+        m,
+        &postgres_output(
+            &pg,
+            table,
+            &pw,
+            &format!(
+                "tls = \"require\"\nca_file = {:?}",
+                ca.display().to_string()
+            ),
+        ),
+    );
+    let node = Node::start("run", &cfg, Some(&log));
+    wait_until("every record in the table", Duration::from_secs(60), || {
+        pg.try_count(&format!("SELECT count(*) FROM {table}")) == Some(300)
+    });
+    let have = payload_counts(&pg, table);
+    for r in &sent {
+        assert_eq!(have.get(r), Some(&1), "{r}");
+    }
+    // The server saw TLS connections from the output.
+    assert!(
+        pg.count("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.application_name = 'weir'") >= 1
+    );
+    sigterm(&node.0);
+}

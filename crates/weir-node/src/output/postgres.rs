@@ -86,6 +86,15 @@ pub struct PostgresConfig {
     /// `written_at`), created if missing. Default `weir_batches`.
     #[serde(default = "default_bookkeeping")]
     pub bookkeeping_table: String,
+    /// `disable` (default): plain TCP; `require`: TLS, the server's certificate verified against
+    /// `ca_file` (else the system's roots) and its name or IP address checked against the host
+    /// connected to (libpq's `verify-full`); a server without TLS, or a certificate that does
+    /// not verify, fails the connection. There is no `prefer`: nothing falls back to plain text.
+    #[serde(default)]
+    pub tls: PostgresTls,
+    /// With `tls = "require"`: the CA certificates (PEM) to verify the server with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Connecting (TCP and authentication), ms. Default 10000.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
@@ -96,6 +105,17 @@ pub struct PostgresConfig {
     /// Where records the table cannot accept go (see [`super::dead_letter`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetterConfig>,
+}
+
+/// `tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostgresTls {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS with the server's certificate verified.
+    Require,
 }
 
 fn yes() -> bool {
@@ -238,6 +258,9 @@ impl PostgresConfig {
         }
         if self.connect_timeout_ms == 0 {
             return Err("`connect_timeout_ms` must be greater than 0".into());
+        }
+        if self.ca_file.is_some() && self.tls != PostgresTls::Require {
+            return Err("`ca_file` goes with `tls = \"require\"`".into());
         }
         if let Some(d) = &self.dead_letter {
             d.validate()?;
@@ -417,16 +440,34 @@ impl PostgresOutput {
         if let Some(p) = self.password()? {
             pg.password(p);
         }
-        let (client, connection) = pg
-            .connect(NoTls)
-            .await
-            .map_err(|e| self.err("connecting", &e))?;
         let server = self.server();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(server, error = %describe(&e), "postgres connection ended");
+        let client = match self.config.tls {
+            PostgresTls::Disable => {
+                let (client, connection) = pg
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.err("connecting", &e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(server, error = %describe(&e), "postgres connection ended");
+                    }
+                });
+                client
             }
-        });
+            PostgresTls::Require => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, connection) = pg
+                    .connect(self.tls_connector()?)
+                    .await
+                    .map_err(|e| self.err("connecting with TLS", &e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(server, error = %describe(&e), "postgres connection ended");
+                    }
+                });
+                client
+            }
+        };
         if self.config.statement_timeout_ms > 0 {
             client
                 .batch_execute(&format!(
@@ -497,6 +538,50 @@ impl PostgresOutput {
             copy_sql: format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)"),
             insert,
         })
+    }
+
+    /// The rustls connector: the CA file's certificates, or the system's roots.
+    fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, OutputError> {
+        let fail = |what: String| OutputError::Destination(format!("postgres TLS: {what}"));
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.config.ca_file {
+            Some(f) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = rustls::pki_types::CertificateDer::pem_file_iter(f)
+                    .map_err(|e| fail(format!("reading ca_file {}: {e}", f.display())))?;
+                for c in certs {
+                    let c = c.map_err(|e| fail(format!("ca_file {}: {e}", f.display())))?;
+                    roots
+                        .add(c)
+                        .map_err(|e| fail(format!("ca_file {}: {e}", f.display())))?;
+                }
+                if roots.is_empty() {
+                    return Err(fail(format!(
+                        "ca_file {} holds no PEM certificate",
+                        f.display()
+                    )));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for c in found.certs {
+                    let _ = roots.add(c);
+                }
+                if roots.is_empty() {
+                    return Err(fail(format!(
+                        "no CA certificates found on this system ({:?}): set ca_file",
+                        found.errors.first().map(ToString::to_string)
+                    )));
+                }
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
     fn password(&self) -> Result<Option<String>, OutputError> {

@@ -30,6 +30,8 @@ pub struct PostgresServer {
     bin: PathBuf,
     command: Vec<String>,
     process: Option<PeerProcess>,
+    /// With TLS: the CA that signed the server's certificate.
+    ca: Option<PathBuf>,
 }
 
 const INSTALL: &str = "the PostgreSQL tests need a PostgreSQL server installed (Debian: apt-get install \
@@ -109,6 +111,22 @@ impl PostgresServer {
     /// Creates a cluster and starts its server; waits until it accepts connections. Panics with
     /// how to install PostgreSQL if it is missing.
     pub fn start() -> PostgresServer {
+        PostgresServer::start_with(false)
+    }
+
+    /// A server that takes TCP connections **only over TLS** (`hostssl` in `pg_hba.conf`), its
+    /// certificate for `127.0.0.1` signed by a CA made here ([`ca_file`](Self::ca_file));
+    /// needs `openssl`.
+    pub fn start_tls() -> PostgresServer {
+        PostgresServer::start_with(true)
+    }
+
+    /// The CA certificate (PEM) of a [`start_tls`](Self::start_tls) server.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
+    fn start_with(tls: bool) -> PostgresServer {
         let bin = bin_dir();
         let dir = peer_dir("postgres");
         let data = dir.join("data");
@@ -139,30 +157,60 @@ impl PostgresServer {
                 ],
             ),
         );
+        let mut ssl_args: Vec<String> = Vec::new();
+        let ca = if tls {
+            let ca = make_certificates(&dir);
+            let hba = data.join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).expect("reading pg_hba.conf");
+            let text: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, text).expect("writing pg_hba.conf");
+            for a in [
+                "ssl=on".to_string(),
+                format!("ssl_cert_file={}", dir.join("server.crt").display()),
+                format!("ssl_key_file={}", dir.join("server.key").display()),
+            ] {
+                ssl_args.extend(["-c".to_string(), a]);
+            }
+            if is_root() {
+                run(
+                    "chown of the PostgreSQL peer directory",
+                    &["chown", "-R", "postgres:", &dir.display().to_string()].map(String::from),
+                );
+            }
+            Some(ca)
+        } else {
+            None
+        };
         let port = free_port();
-        let command = as_server_user(
-            &bin.join("postgres"),
-            &[
-                "-D".into(),
-                data.display().to_string(),
-                "-p".into(),
-                port.to_string(),
-                "-k".into(),
-                dir.display().to_string(),
-                "-c".into(),
-                "listen_addresses=127.0.0.1".into(),
-                "-c".into(),
-                "max_connections=50".into(),
-                "-c".into(),
-                "shared_buffers=64MB".into(),
-            ],
-        );
+        let mut args: Vec<String> = vec![
+            "-D".into(),
+            data.display().to_string(),
+            "-p".into(),
+            port.to_string(),
+            "-k".into(),
+            dir.display().to_string(),
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+            "-c".into(),
+            "max_connections=50".into(),
+            "-c".into(),
+            "shared_buffers=64MB".into(),
+        ];
+        args.extend(ssl_args);
+        let command = as_server_user(&bin.join("postgres"), &args);
         let mut server = PostgresServer {
             port,
             dir,
             bin,
             command,
             process: None,
+            ca,
         };
         server.restart();
         server
@@ -283,6 +331,90 @@ impl PostgresServer {
             dir: self.dir.clone(),
         }
     }
+}
+
+/// A CA and a certificate for `127.0.0.1` signed by it, in `dir` (`ca.crt`, `server.crt`,
+/// `server.key`, the key readable by its owner only, as PostgreSQL demands). Returns the CA's
+/// file.
+fn make_certificates(dir: &Path) -> PathBuf {
+    let d = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("writing the certificate extensions");
+    let openssl = |what: &str, args: &[String]| {
+        let mut c = vec!["openssl".to_string()];
+        c.extend(args.iter().cloned());
+        run(
+            &format!("openssl {what} (the TLS tests need openssl: apt-get install openssl)"),
+            &c,
+        );
+    };
+    openssl(
+        "req (the CA)",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=weir-test-ca",
+            "-keyout",
+            &d("ca.key"),
+            "-out",
+            &d("ca.crt"),
+        ]
+        .map(String::from),
+    );
+    openssl(
+        "req (the server)",
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &d("server.key"),
+            "-out",
+            &d("server.csr"),
+        ]
+        .map(String::from),
+    );
+    openssl(
+        "x509 (signing the server's certificate)",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &d("server.csr"),
+            "-CA",
+            &d("ca.crt"),
+            "-CAkey",
+            &d("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &d("server.ext"),
+            "-out",
+            &d("server.crt"),
+        ]
+        .map(String::from),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod of the server key");
+    dir.join("ca.crt")
 }
 
 /// The server shared by a whole test binary, started on first use.
