@@ -985,4 +985,103 @@ mod real_kafka {
         );
         drop(a);
     }
+
+    /// `exactly_once = true` while the broker stops answering (SIGSTOP): records keep being
+    /// acknowledged (they are in the WAL), the output fails and says so, and once the broker
+    /// is back every record is committed exactly once. The same node's second output sends
+    /// the records it cannot take (JSON parquet columns: a payload that is not JSON) to a
+    /// dead-letter *topic*, each with a `weir.reason` header.
+    #[test]
+    fn an_exactly_once_output_waits_out_a_stopped_broker_and_dead_letters_go_to_a_topic() {
+        use rdkafka::Message;
+        let _serial = one_at_a_time();
+        let broker = kafka::shared();
+        let (bs, _logs) = (broker.bootstrap(), broker.logs_on_failure());
+        let topic = unique("eos-pause");
+        let dlq = unique("dead");
+        create_topic(&bs, &topic, 2, 1, &[]);
+        create_topic(&bs, &dlq, 1, 1, &[]);
+        let scratch = Scratch::new("real-kafka-eos-pause");
+        let dir = scratch.path();
+        let port = free_port();
+        let mport = free_port();
+        let config = dir.join("a.toml");
+        fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nnode_id = \"eos-p\"\n\
+                 [engine]\nbatch_interval_ms = 200\nblock_interval_ms = 20\njob_retry_max_ms = 500\n\
+                 [[receiver]]\nname = \"frames\"\ntype = \"socket\"\nmode = \"listen\"\n\
+                 address = \"127.0.0.1:{port}\"\nprotocol = \"frames\"\n\
+                 [[output]]\ntype = \"kafka\"\nbootstrap_servers = \"{bs}\"\ntopic = \"{topic}\"\n\
+                 exactly_once = true\ndelivery_timeout_ms = 5000\ntransaction_timeout_ms = 10000\n\
+                 [[output]]\ntype = \"parquet\"\npath = {:?}\npayload = \"json\"\n\
+                 dead_letter = {{ type = \"kafka\", bootstrap_servers = \"{bs}\", topic = \"{dlq}\" }}\n\
+                 [output.columns]\nn = {{ pointer = \"/n\", type = \"int64\" }}\n\
+                 [metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+                dir.join("a-data").display().to_string(),
+                dir.join("parquet").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("a.log");
+        let a = spawn(&config, &log);
+        wait_healthy(mport);
+        let first: Vec<Vec<u8>> = (0..300)
+            .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+            .collect();
+        send_frames(port, &first);
+        wait_until(
+            "the first records committed",
+            Duration::from_secs(60),
+            || read_all(&bs, &topic, true).len() >= 300,
+        );
+        broker.pause();
+        // Acknowledged while the broker is stopped: in the WAL, waiting for the output.
+        let second: Vec<Vec<u8>> = (300..600)
+            .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+            .chain(["not json".as_bytes().to_vec()])
+            .collect();
+        send_frames(port, &second);
+        wait_until("the output failing", Duration::from_secs(60), || {
+            metric(mport, "weir_output_failing{output=\"1\"}") == Some(1)
+        });
+        broker.resume();
+        // The node's own account first (reading the topics right after the resume can meet
+        // the broker still settling its partitions).
+        wait_until(
+            "every record written by both outputs",
+            Duration::from_secs(120),
+            || {
+                metric(mport, "weir_output_records_total{output=\"1\"}").is_some_and(|n| n >= 601)
+                    && metric(mport, "weir_output_dead_letters_total{output=\"2\"}")
+                        .is_some_and(|n| n >= 1)
+            },
+        );
+        let committed = read_all(&bs, &topic, true);
+        for p in first.iter().chain(&second) {
+            assert_eq!(committed.get(p), Some(&1), "{}", String::from_utf8_lossy(p));
+        }
+        let mut dead = Vec::new();
+        kafka::read_each(&bs, &dlq, false, |m| {
+            use rdkafka::message::Headers;
+            let reason = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "weir.reason"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).to_string());
+            dead.push((m.payload().unwrap_or_default().to_vec(), reason));
+        });
+        assert!(!dead.is_empty(), "no dead letter");
+        for (payload, reason) in &dead {
+            assert_eq!(payload, b"not json");
+            assert!(
+                reason.as_deref().is_some_and(|r| r.contains("JSON")),
+                "{reason:?}"
+            );
+        }
+        let text = fs::read_to_string(&log).unwrap();
+        assert!(text.contains("batch step failed"), "{text}");
+        drop(a);
+    }
 }
