@@ -3,8 +3,6 @@
 //! batch directories that hold `_SUCCESS`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
@@ -13,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use weir_testkit::peers::s3::{self, S3Server, ACCESS_KEY, REGION, SECRET_KEY};
 use weir_testkit::{
-    frames_producer, free_port, metric, python_importing, sigterm, wait_healthy, wait_until,
-    workspace_root, Node, Scratch,
+    frames_producer, free_port, metric, python_importing, send_frames, sigterm, wait_healthy,
+    wait_until, workspace_root, Node, Scratch,
 };
 
 const NODE_ID: &str = "pq-node";
@@ -240,24 +238,6 @@ fn stop(mut node: Node) {
     sigterm(&node.0);
     let status = node.wait_exit(Duration::from_secs(30), "no exit after SIGTERM");
     assert!(status.success(), "{status}");
-}
-
-/// Sends `payloads` as frames on one connection and waits until all are acknowledged.
-fn send_frames(port: u16, payloads: &[Vec<u8>]) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut frames = Vec::new();
-    for p in payloads {
-        frames.extend_from_slice(&(p.len() as u32).to_be_bytes());
-        frames.extend_from_slice(p);
-    }
-    s.write_all(&frames).unwrap();
-    let mut acked = 0;
-    while acked < payloads.len() as u64 {
-        let mut b = [0u8; 8];
-        s.read_exact(&mut b).expect("an acknowledgement");
-        acked = u64::from_be_bytes(b);
-    }
 }
 
 /// The payloads of `read`'s rows, each with how many times it is there.

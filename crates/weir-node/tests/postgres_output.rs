@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 use weir_testkit::peers::postgres::{self, PostgresServer, PASSWORD};
-use weir_testkit::{frames_producer, free_port, metric, sigterm, wait_until, Node};
+use weir_testkit::{frames_producer, free_port, metric, send_frames, sigterm, wait_until, Node};
 
 /// A node config: frames on `port`, metrics on `metrics`, the given `[[output]]` tables.
 fn node_config(
@@ -216,7 +216,7 @@ fn real_postgres_rejected_rows_fail_the_batch_without_a_dead_letter_output_and_g
         r#"{"id":1001,"name":"x","score":"high"}"#.to_string(),
     ];
     records.extend(bad.iter().cloned());
-    send(port, &records);
+    send_frames(port, &records);
     // Without a dead-letter output: the batch fails (and is retried), nothing is committed.
     wait_until("the rejection logged", Duration::from_secs(30), || {
         log_of(&log).contains("rejected and no dead_letter output is configured")
@@ -297,28 +297,6 @@ fn real_postgres_rejected_rows_fail_the_batch_without_a_dead_letter_output_and_g
         4
     );
     sigterm(&node.0);
-}
-
-/// Sends `records` as frames on one connection and waits for all their acknowledgements.
-fn send(port: u16, records: &[String]) {
-    use std::io::{Read, Write};
-    wait_until("the node listening", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut frames = Vec::new();
-    for r in records {
-        frames.extend_from_slice(&(r.len() as u32).to_be_bytes());
-        frames.extend_from_slice(r.as_bytes());
-    }
-    s.write_all(&frames).unwrap();
-    let mut acked = 0;
-    while acked < records.len() {
-        let mut b = [0u8; 8];
-        s.read_exact(&mut b).unwrap();
-        acked = u64::from_be_bytes(b) as usize;
-    }
 }
 
 #[test]

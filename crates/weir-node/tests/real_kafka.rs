@@ -22,7 +22,9 @@ mod real_kafka {
     use rdkafka::ClientConfig;
     use weir_testkit::peers::kafka::{self, create_topic, read_all, KafkaCluster};
     use weir_testkit::peers::log_lines;
-    use weir_testkit::{free_port, http_get, metric, wait_healthy, wait_until, Node, Scratch};
+    use weir_testkit::{
+        free_port, http_get, metric, send_frames, wait_healthy, wait_until, Node, Scratch,
+    };
 
     /// One test at a time: a failover's timings mean little when the other test's brokers and
     /// nodes share the 2 cores.
@@ -840,29 +842,6 @@ mod real_kafka {
             b_seen.len()
         );
         drop(b);
-    }
-
-    /// Sends `payloads` as frames to a socket receiver on `port` and waits for their
-    /// acknowledgement.
-    fn send_frames(port: u16, payloads: &[Vec<u8>]) {
-        use std::io::{Read, Write};
-        wait_until("the node listening", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut frames = Vec::new();
-        for p in payloads {
-            frames.extend_from_slice(&(p.len() as u32).to_be_bytes());
-            frames.extend_from_slice(p);
-        }
-        s.write_all(&frames).unwrap();
-        let mut acked = 0;
-        while acked < payloads.len() {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b).unwrap();
-            acked = u64::from_be_bytes(b) as usize;
-        }
     }
 
     /// `exactly_once = true`: node A produces batches to the topic in transactions, but a

@@ -293,6 +293,31 @@ pub async fn start(ctx: impl Fn() -> StreamingContext) -> weir::stream::RunningC
     panic!("the data directory stayed locked");
 }
 
+/// Sends `payloads` as frames (`len: u32 BE | payload`) to a `frames` socket receiver on
+/// 127.0.0.1:`port` over one connection (waiting up to 30 s for it to listen) and waits until
+/// the node has acknowledged them all (its cumulative 8-byte counts).
+pub fn send_frames<P: AsRef<[u8]>>(port: u16, payloads: &[P]) {
+    wait_until("the node listening", Duration::from_secs(30), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connecting to the node");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("a read timeout");
+    let mut frames = Vec::new();
+    for p in payloads {
+        let p = p.as_ref();
+        frames.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        frames.extend_from_slice(p);
+    }
+    s.write_all(&frames).expect("sending the frames");
+    let mut acked = 0;
+    while acked < payloads.len() as u64 {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).expect("an acknowledgement");
+        acked = u64::from_be_bytes(b);
+    }
+}
+
 /// A `frames` producer: sends `prefix-<i>` for i in `0..total` in chunks, reads the node's
 /// cumulative acknowledgements, reconnects after a broken connection (the node was killed) and
 /// resends whatever was not acknowledged; each connection goes to the port `port` holds then
