@@ -57,15 +57,29 @@ fn hdfs_files(url: &str, path: &str) -> Vec<(String, Vec<u8>)> {
         };
         let mut out = Vec::new();
         for f in listing.into_iter().filter(|f| !f.isdir) {
-            let mut r = client.read(&f.path).await.unwrap();
-            let bytes = r.read_bytes(r.file_length()).await.unwrap();
             let rel = f
                 .path
                 .strip_prefix(path)
                 .unwrap_or(&f.path)
                 .trim_start_matches('/')
                 .to_string();
-            out.push((rel, bytes.to_vec()));
+            // A temp file (`.<name>.tmp`) is named, not read: the node may rename it away
+            // between the listing and the read; so may it remove a stale part.
+            let hidden = rel.rsplit('/').next().is_some_and(|n| n.starts_with('.'));
+            let bytes = if hidden {
+                Vec::new()
+            } else {
+                let read = async {
+                    let mut r = client.read(&f.path).await?;
+                    r.read_bytes(r.file_length()).await
+                };
+                match read.await {
+                    Ok(b) => b.to_vec(),
+                    Err(e) if e.to_string().contains("FileNotFoundException") => continue,
+                    Err(e) => panic!("reading {url}{}: {e}", f.path),
+                }
+            };
+            out.push((rel, bytes));
         }
         out.sort();
         out

@@ -69,8 +69,9 @@ pub enum OutputConfig {
     },
     /// Every record (payload, key, headers) produced to a Kafka topic by an idempotent
     /// producer (`acks=all`); the batch succeeds only when every record is acknowledged. A
-    /// re-run batch is produced again: at-least-once per batch. See weir-kafka's
-    /// `KafkaOutputConfig` for the keys.
+    /// re-run batch is produced again: at-least-once per batch, unless `exactly_once = true`
+    /// (one transaction per batch, re-runs skipped; see `weir_kafka::exactly_once`). See
+    /// weir-kafka's `KafkaOutputConfig` for the keys.
     Kafka(weir_kafka::KafkaOutputConfig),
     /// One Parquet file per batch (split when large) in a local directory or on object storage,
     /// under deterministic names with a completion marker per batch; see
