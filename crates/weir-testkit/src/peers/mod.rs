@@ -1,7 +1,8 @@
 //! Real peers for the interoperability tests: an Apache Kafka broker or cluster in KRaft mode
 //! ([`kafka`]), an Apache Flume agent, a Flume agent carrying Spark's sink ([`flume`]), and an
 //! S3-compatible object store ([`s3`], moto's server from PyPI), and a PostgreSQL server
-//! ([`postgres`], Debian's package), and an HDFS ([`hdfs`], Hadoop's MiniDFSCluster).
+//! ([`postgres`], Debian's package), and an HDFS ([`hdfs`], Hadoop's MiniDFSCluster), and a
+//! headless browser ([`browser`], Debian's Chromium driven by playwright-core from npm).
 //!
 //! Their jars come from Maven Central through the pinned lists in `interop/*.xml`, resolved by
 //! `interop/fetch` into the git-ignored `interop/lib/<peer>/` (done here on first use, and by
@@ -12,6 +13,7 @@
 //! and says where it is; otherwise the directory is removed. [`LogsOnFailure`] does the same for
 //! shared peers, which are never dropped.
 
+pub mod browser;
 pub mod flume;
 pub mod hdfs;
 pub mod kafka;
