@@ -47,6 +47,7 @@ use std::task::{Context, Poll};
 mod backoff;
 mod config_error;
 mod dead_letter;
+pub mod listener;
 mod stats;
 
 pub use backoff::Backoff;

@@ -1,6 +1,7 @@
 //! Configuration of a [`SocketReceiver`](crate::SocketReceiver).
 
 use serde::{Deserialize, Serialize};
+use weir_receiver::listener::{ListenerSettings, TlsConfig, DEFAULT_FIRST_BYTES_TIMEOUT_MS};
 
 /// The default `address`: port 9999 on the loopback interface only.
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:9999";
@@ -51,9 +52,21 @@ pub struct SocketConfig {
     /// Largest record payload, bytes (a line without its `\n`/`\r\n`, a frame without its 4-byte
     /// header). A larger one closes its connection with an error. Default 16 MiB; at most 1 GiB.
     pub max_record_bytes: usize,
-    /// `listen`: connections served at once; further ones are accepted and closed at once (and
-    /// counted as rejected). Default 64.
+    /// `listen`: connections served at once. When they are all open, the one idle the longest
+    /// (one that never sent data first; never one with stores outstanding) is closed to make room
+    /// for a newcomer; only when none can be closed is the newcomer closed at once (and counted
+    /// as rejected). Default 64.
     pub max_connections: usize,
+    /// `listen`: connections served at once from one IP address (the same rule when reached:
+    /// that address's connection idle the longest makes room). 0 = no limit but
+    /// `max_connections`. Default 0.
+    pub max_connections_per_peer: usize,
+    /// `listen`: a new connection must finish its TLS handshake and send its first byte within
+    /// this long, ms, or it is closed (and counted). 0 = no limit. Default 10000.
+    pub first_bytes_timeout_ms: u64,
+    /// `listen`: the networks producers may connect from (`"10.0.0.0/8"`, `"::1/128"`, or a bare
+    /// address); others are closed at once, counted and logged. Empty = everyone (the default).
+    pub allow: Vec<String>,
     /// A connection that sent nothing for this long, and has no store outstanding, is closed, ms.
     /// 0 = never. Default 300000 (5 minutes).
     pub idle_timeout_ms: u64,
@@ -79,6 +92,10 @@ pub struct SocketConfig {
     /// Adds a `peer` header (the producer's `ip:port`, as text) to every record. Off by default:
     /// it costs about 25 bytes per record in the log, and a peer address is no stable identity.
     pub peer_header: bool,
+    /// `listen`: serve TLS (`[receiver.tls]`: `cert_file`, `key_file`, optional
+    /// `client_ca_file` to require client certificates). Default: plain TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for SocketConfig {
@@ -89,6 +106,9 @@ impl Default for SocketConfig {
             protocol: Protocol::Lines,
             max_record_bytes: 16 << 20,
             max_connections: 64,
+            max_connections_per_peer: 0,
+            first_bytes_timeout_ms: DEFAULT_FIRST_BYTES_TIMEOUT_MS,
+            allow: Vec::new(),
             idle_timeout_ms: 300_000,
             read_buffer_bytes: 1 << 20,
             reconnect_initial_ms: 100,
@@ -97,6 +117,7 @@ impl Default for SocketConfig {
             max_in_flight: 64,
             close_timeout_ms: 5_000,
             peer_header: false,
+            tls: None,
         }
     }
 }
@@ -122,12 +143,29 @@ impl SocketConfig {
         }
     }
 
-    /// Checks every field; the message names the field and what is expected.
+    /// The listener's access settings (`listen` mode).
+    pub fn listener_settings(&self) -> ListenerSettings {
+        ListenerSettings {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            first_bytes_timeout_ms: self.first_bytes_timeout_ms,
+            allow: self.allow.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// Checks every field (and loads the TLS files); the message names the field and what is
+    /// expected.
     ///
     /// # Errors
     /// A description of the first problem found.
     pub fn validate(&self) -> Result<(), String> {
         check_address(&self.address, self.mode)?;
+        if self.mode == Mode::Connect && (self.tls.is_some() || !self.allow.is_empty()) {
+            return Err(
+                "`tls` and `allow` are listen-mode settings: connect mode dials its source".into(),
+            );
+        }
         if self.mode == Mode::Connect && self.protocol == Protocol::Frames {
             return Err(
                 "protocol = \"frames\" needs mode = \"listen\": connect mode reads \
@@ -170,6 +208,9 @@ impl SocketConfig {
                 "reconnect_max_ms = {} must be at least reconnect_initial_ms = {}",
                 self.reconnect_max_ms, self.reconnect_initial_ms
             ));
+        }
+        if self.mode == Mode::Listen {
+            self.listener_settings().validate()?;
         }
         Ok(())
     }
@@ -261,5 +302,13 @@ mod tests {
         bad(|c| c.max_in_flight = 0, "max_in_flight");
         bad(|c| c.reconnect_initial_ms = 0, "reconnect_initial_ms");
         bad(|c| c.reconnect_max_ms = 50, "reconnect_max_ms");
+        bad(|c| c.allow = vec!["10.0.0.0/33".into()], "allow");
+        bad(
+            |c| {
+                *c = SocketConfig::connect("h:1");
+                c.allow = vec!["10.0.0.0/8".into()];
+            },
+            "allow",
+        );
     }
 }

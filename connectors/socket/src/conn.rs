@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
+use weir_receiver::listener::{closed_by_gate, Activity, BusyGuard, GateClosed};
 use weir_receiver::{ReceiverContext, Record, StoreError, StoreFuture, Stored};
 
 use crate::config::{Protocol, SocketConfig};
@@ -43,6 +43,8 @@ pub(crate) enum End {
     Oversize(String),
     /// A `store()` failed: nothing after it may be acknowledged.
     StoreFailed(StoreError),
+    /// The listener's gate closed it (evicted to make room, or no data in time).
+    Gate(GateClosed),
 }
 
 /// What a connection did.
@@ -55,20 +57,28 @@ pub(crate) struct Outcome {
 
 /// Serves one connection until it ends, logging and reporting why before it is closed. Frames
 /// connections get a writer for acknowledgements, driven next to the reader.
-pub(crate) async fn serve(
-    stream: TcpStream,
+pub(crate) async fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     protocol: Protocol,
     ctx: &ReceiverContext,
     shared: &Shared,
-) -> Outcome {
+    activity: Activity,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
     let close_timeout = Duration::from_millis(shared.config.close_timeout_ms);
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = tokio::io::split(stream);
     let outcome = match protocol {
-        Protocol::Lines => Conn::new(peer, protocol, ctx, shared, None).run(rd).await,
+        Protocol::Lines => {
+            Conn::new(peer, protocol, ctx, shared, None, activity)
+                .run(rd)
+                .await
+        }
         Protocol::Frames => {
             let (tx, rx) = watch::channel(0u64);
-            let reader = Conn::new(peer, protocol, ctx, shared, Some(tx)).run(rd);
+            let reader = Conn::new(peer, protocol, ctx, shared, Some(tx), activity).run(rd);
             let writer = write_acks(wr, rx);
             tokio::pin!(reader, writer);
             let mut writer_done = false;
@@ -106,6 +116,8 @@ fn explain(end: &End, peer: SocketAddr, ctx: &ReceiverContext, shared: &Shared) 
         End::Eof => tracing::info!(%peer, "connection closed by the peer"),
         End::ReadFailed(e) => tracing::warn!(%peer, error = %e, "connection failed"),
         End::Shutdown => tracing::debug!(%peer, "connection closed for shutdown"),
+        // Counted (and logged, rate-limited) by the gate.
+        End::Gate(why) => tracing::debug!(%peer, "connection closed: {why}"),
         End::Idle => {
             stats.add(Counter::Idle, 1);
             tracing::info!(
@@ -167,14 +179,17 @@ struct Call {
     future: Option<StoreFuture>,
     result: Option<Result<Stored, StoreError>>,
     records: u64,
+    /// The connection is not evicted while a store is outstanding.
+    _busy: BusyGuard,
 }
 
 impl InFlight {
-    fn push(&mut self, future: StoreFuture, records: u64) {
+    fn push(&mut self, future: StoreFuture, records: u64, busy: BusyGuard) {
         self.calls.push_back(Call {
             future: Some(future),
             result: None,
             records,
+            _busy: busy,
         });
     }
 
@@ -224,6 +239,7 @@ struct Conn<'a> {
     acks: Option<watch::Sender<u64>>,
     peer_header: Option<Bytes>,
     bytes_read: u64,
+    activity: Activity,
 }
 
 impl<'a> Conn<'a> {
@@ -233,6 +249,7 @@ impl<'a> Conn<'a> {
         ctx: &'a ReceiverContext,
         shared: &'a Shared,
         acks: Option<watch::Sender<u64>>,
+        activity: Activity,
     ) -> Self {
         let config = &shared.config;
         Conn {
@@ -246,6 +263,7 @@ impl<'a> Conn<'a> {
             acks,
             peer_header: config.peer_header.then(|| Bytes::from(peer.to_string())),
             bytes_read: 0,
+            activity,
         }
     }
 
@@ -347,7 +365,10 @@ impl<'a> Conn<'a> {
                         self.bytes_read += n as u64;
                         last_read = Instant::now();
                     }
-                    Err(e) => return End::ReadFailed(e),
+                    Err(e) => return match closed_by_gate(&e) {
+                        Some(why) => End::Gate(why),
+                        None => End::ReadFailed(e),
+                    },
                 },
                 () = sleep_until(idle_deadline.unwrap_or_else(Instant::now)),
                     if idle_deadline.is_some() && self.in_flight.is_empty() => return End::Idle,
@@ -389,7 +410,8 @@ impl<'a> Conn<'a> {
         let stats = &self.shared.stats;
         stats.add(Counter::Records, n);
         stats.add(Counter::Bytes, bytes as u64);
-        self.in_flight.push(self.ctx.store(batch), n);
+        let busy = self.activity.busy();
+        self.in_flight.push(self.ctx.store(batch), n, busy);
     }
 
     /// Takes one resolved store: a success raises the durable count (and the acknowledgement).

@@ -44,6 +44,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout};
+use weir_receiver::listener::{Activity, Gate, Refusal};
 use weir_receiver::{BoundAddress, Receiver, ReceiverContext, ReceiverError};
 
 pub use config::{
@@ -121,6 +122,13 @@ impl SocketReceiver {
 
     async fn listen(&self, ctx: ReceiverContext) -> Result<(), ReceiverError> {
         let config = &self.shared.config;
+        // Built per run, so that a restart reads the certificate files again.
+        let gate = Gate::new(
+            ctx.name(),
+            config.listener_settings(),
+            self.shared.stats.listener_arc(),
+        )
+        .map_err(|e| ReceiverError::msg(format!("socket receiver `{}`: {e}", ctx.name())))?;
         let listener = TcpListener::bind(&config.address).await.map_err(|e| {
             ReceiverError::context(
                 format!(
@@ -137,6 +145,7 @@ impl SocketReceiver {
             receiver = ctx.name(),
             address = %local,
             protocol = ?config.protocol,
+            tls = gate.is_tls(),
             "socket receiver listening"
         );
         let stats = &self.shared.stats;
@@ -150,29 +159,40 @@ impl SocketReceiver {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        if stats.connections_active() >= config.max_connections as u64 {
-                            stats.add(Counter::Rejected, 1);
-                            tracing::warn!(
-                                receiver = ctx.name(),
-                                %peer,
-                                max_connections = config.max_connections,
-                                "connection refused: max_connections are open; closing it"
-                            );
-                            drop(stream);
-                            continue;
-                        }
+                        let admitted = match gate.admit(peer) {
+                            Ok(a) => a,
+                            Err(Refusal::Full) => {
+                                stats.add(Counter::Rejected, 1);
+                                tracing::warn!(
+                                    receiver = ctx.name(),
+                                    %peer,
+                                    max_connections = config.max_connections,
+                                    "connection refused: max_connections are open, all with \
+                                     stores outstanding; closing it"
+                                );
+                                continue;
+                            }
+                            // Counted and logged by the gate.
+                            Err(_) => continue,
+                        };
                         stats.add(Counter::Accepted, 1);
-                        tracing::info!(receiver = ctx.name(), %peer, "connection accepted");
+                        tracing::debug!(receiver = ctx.name(), %peer, "connection accepted");
                         let (ctx, shared) = (ctx.clone(), self.shared.clone());
                         // Counted as active from here, so the next accept sees it.
                         let guard = shared.stats.active();
                         connections.spawn(async move {
                             let _guard = guard;
+                            // The TLS handshake, if any, runs here, not in the accept loop.
+                            let Some(stream) = admitted.open(stream).await else {
+                                return;
+                            };
                             if shared.config.protocol == Protocol::Frames {
                                 // Acknowledgements are 8 bytes: do not let Nagle hold them.
-                                let _ = stream.set_nodelay(true);
+                                stream.set_nodelay(true);
                             }
-                            conn::serve(stream, peer, shared.config.protocol, &ctx, &shared).await;
+                            let activity = stream.activity();
+                            conn::serve(stream, peer, shared.config.protocol, &ctx, &shared, activity)
+                                .await;
                         });
                     }
                     Err(e) => {
@@ -222,7 +242,9 @@ impl SocketReceiver {
                     tracing::info!(receiver = ctx.name(), %address, %peer, "connected");
                     let outcome = {
                         let _active = stats.active();
-                        conn::serve(stream, peer, Protocol::Lines, &ctx, &self.shared).await
+                        let activity = Activity::detached();
+                        conn::serve(stream, peer, Protocol::Lines, &ctx, &self.shared, activity)
+                            .await
                     };
                     if matches!(outcome.end, End::Shutdown) || ctx.is_shutting_down() {
                         return Ok(());
@@ -265,6 +287,7 @@ fn describe(end: &End) -> String {
         End::Idle => "idle_timeout_ms passed without data".into(),
         End::Oversize(reason) => reason.clone(),
         End::StoreFailed(e) => format!("store failed: {e}"),
+        End::Gate(why) => why.to_string(),
     }
 }
 

@@ -3,7 +3,11 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use weir_receiver::{ConnectorStats, Stat};
+use weir_receiver::listener::{ListenerMetricNames, ListenerStats};
+use weir_receiver::{listener_metric_names, ConnectorStats, Stat};
+
+/// The names of the listener's counters.
+const LISTENER_NAMES: ListenerMetricNames = listener_metric_names!("weir_socket");
 
 macro_rules! stats {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
@@ -13,6 +17,8 @@ macro_rules! stats {
         #[derive(Debug, Default)]
         pub struct SocketStats {
             $($name: AtomicU64,)*
+            /// Listen mode: the listener's gate (evictions, refusals, TLS, first bytes).
+            connections: Arc<ListenerStats>,
         }
 
         impl SocketStats {
@@ -65,6 +71,16 @@ stats! {
 }
 
 impl SocketStats {
+    /// Listen mode: the listener's counters (evicted and refused connections, TLS handshake
+    /// failures, first-bytes timeouts).
+    pub fn listener(&self) -> &ListenerStats {
+        &self.connections
+    }
+
+    pub(crate) fn listener_arc(&self) -> Arc<ListenerStats> {
+        self.connections.clone()
+    }
+
     pub(crate) fn add(&self, counter: Counter, n: u64) {
         let c = match counter {
             Counter::Accepted => &self.connections_accepted,
@@ -162,6 +178,7 @@ impl ConnectorStats for SocketStats {
         ] {
             out(Stat::counter(name, help, v));
         }
+        self.connections.report(&LISTENER_NAMES, out);
         out(Stat::gauge(
             "weir_socket_connections_active",
             "Connections open now.",

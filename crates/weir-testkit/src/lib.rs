@@ -17,6 +17,7 @@ use weir::StreamingContext;
 
 mod host;
 pub mod peers;
+pub mod tls;
 
 /// A test's directory (`weir-<name>-XXXXXX` in the temporary directory): node data, outputs,
 /// configurations and logs. Removed when the test passes; when it panics, kept (its path

@@ -132,12 +132,14 @@ async fn garbage_and_partial_frames_are_never_acknowledged_and_never_hang() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_is_enforced_and_frees_up_when_one_closes() {
-    let host = RecordingHost::new();
+async fn at_max_connections_the_idlest_makes_room_and_only_busy_ones_refuse_newcomers() {
+    // Stores are held (not durable) until released: connections with stores outstanding are
+    // busy and never evicted.
+    let host = RecordingHost::holding();
     let r = start(
         SocketConfig {
             max_connections: 2,
-            ..SocketConfig::listen("127.0.0.1:0", Protocol::Lines)
+            ..SocketConfig::listen("127.0.0.1:0", Protocol::Frames)
         },
         host.clone(),
     )
@@ -145,23 +147,42 @@ async fn max_connections_is_enforced_and_frees_up_when_one_closes() {
     let stats = r.receiver.stats();
     let mut a = r.connect().await;
     let mut b = r.connect().await;
-    a.send(b"a\n").await;
-    b.send(b"b\n").await;
-    wait_until_async("a and b are served", SOON, || host.received_count() == 2).await;
+    a.send_frames(&["a"]).await;
+    b.send_frames(&["b"]).await;
+    wait_until_async("a and b are stored", SOON, || host.received_count() == 2).await;
 
+    // Both have a store outstanding: the newcomer is refused.
     let mut c = r.connect().await;
     assert_eq!(c.next_event(SOON).await, Event::Closed);
     assert_eq!(stats.connections_rejected(), 1);
     assert_eq!(stats.connections_active(), 2);
 
-    drop(a);
-    wait_until_async("a is closed", SOON, || stats.connections_active() == 1).await;
+    // Once durable (and acknowledged), a was idle longer than b: d takes a's place.
+    host.release_all();
+    assert_eq!(a.acks_until(1).await, [1]);
+    assert_eq!(b.acks_until(1).await, [1]);
+    b.send_frames(&["b2"]).await;
+    wait_until_async("b2 is stored", SOON, || host.received_count() == 3).await;
+    host.release_all();
+    assert_eq!(b.acks_until(2).await, [2]);
     let mut d = r.connect().await;
-    d.send(b"d\n").await;
-    wait_until_async("d is served", SOON, || host.received_count() == 3).await;
+    assert_eq!(a.acks_until_closed().await, Vec::<u64>::new());
+    assert_eq!(
+        stats
+            .listener()
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    d.send_frames(&["d"]).await;
+    wait_until_async("d is stored", SOON, || host.received_count() == 4).await;
+    host.release_all();
+    assert_eq!(d.acks_until(1).await, [1]);
+    b.send_frames(&["b3"]).await;
+    wait_until_async("b still works", SOON, || host.received_count() == 5).await;
+    host.release_all();
+    assert_eq!(b.acks_until(3).await, [3]);
     assert_eq!(stats.connections_accepted(), 3);
-    b.send(b"b2\n").await;
-    wait_until_async("b still works", SOON, || host.received_count() == 4).await;
     r.stop().await.0.unwrap();
 }
 

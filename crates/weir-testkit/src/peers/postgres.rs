@@ -333,88 +333,11 @@ impl PostgresServer {
     }
 }
 
-/// A CA and a certificate for `127.0.0.1` signed by it, in `dir` (`ca.crt`, `server.crt`,
-/// `server.key`, the key readable by its owner only, as PostgreSQL demands). Returns the CA's
-/// file.
+/// A CA and a certificate for `127.0.0.1` signed by it, in `dir` ([`crate::tls::TestPki`]:
+/// `server.crt`, `server.key`, the key readable by its owner only, as PostgreSQL demands).
+/// Returns the CA's file.
 fn make_certificates(dir: &Path) -> PathBuf {
-    let d = |f: &str| dir.join(f).display().to_string();
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("writing the certificate extensions");
-    let openssl = |what: &str, args: &[String]| {
-        let mut c = vec!["openssl".to_string()];
-        c.extend(args.iter().cloned());
-        run(
-            &format!("openssl {what} (the TLS tests need openssl: apt-get install openssl)"),
-            &c,
-        );
-    };
-    openssl(
-        "req (the CA)",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=weir-test-ca",
-            "-keyout",
-            &d("ca.key"),
-            "-out",
-            &d("ca.crt"),
-        ]
-        .map(String::from),
-    );
-    openssl(
-        "req (the server)",
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            &d("server.key"),
-            "-out",
-            &d("server.csr"),
-        ]
-        .map(String::from),
-    );
-    openssl(
-        "x509 (signing the server's certificate)",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &d("server.csr"),
-            "-CA",
-            &d("ca.crt"),
-            "-CAkey",
-            &d("ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &d("server.ext"),
-            "-out",
-            &d("server.crt"),
-        ]
-        .map(String::from),
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        dir.join("server.key"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .expect("chmod of the server key");
-    dir.join("ca.crt")
+    crate::tls::TestPki::create(dir).ca
 }
 
 /// The server shared by a whole test binary, started on first use.
