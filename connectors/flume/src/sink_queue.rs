@@ -194,6 +194,49 @@ impl weir_receiver::ConnectorStats for QueueStats {
     }
 }
 
+/// What a [`SinkQueue`] holds at one moment ([`SinkQueue::occupancy`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Events ready to be handed out.
+    pub ready: u64,
+    /// Transactions handed out and neither acked nor rolled back.
+    pub transactions_open: u64,
+    /// Events in those transactions (served, not acked).
+    pub events_in_transactions: u64,
+    /// Payload bytes held (ready or in transactions).
+    pub queued_bytes: u64,
+}
+
+impl weir_receiver::ConnectorStats for Occupancy {
+    fn report(&self, out: &mut dyn FnMut(weir_receiver::Stat<'_>)) {
+        use weir_receiver::Stat;
+        for (name, help, v) in [
+            (
+                "weir_sink_events_ready",
+                "Events ready to be handed out (not in a transaction).",
+                self.ready,
+            ),
+            (
+                "weir_sink_transactions_open",
+                "Transactions handed out and neither acked nor rolled back.",
+                self.transactions_open,
+            ),
+            (
+                "weir_sink_events_unacked",
+                "Events in open transactions (served, not acked).",
+                self.events_in_transactions,
+            ),
+            (
+                "weir_sink_queued_bytes",
+                "Payload bytes held (ready or in transactions).",
+                self.queued_bytes,
+            ),
+        ] {
+            out(Stat::gauge(name, help, v));
+        }
+    }
+}
+
 struct Held {
     id: u64,
     segment: u64,
@@ -387,6 +430,17 @@ impl SinkQueue {
     /// The counters.
     pub fn stats(&self) -> &QueueStats {
         &self.stats
+    }
+
+    /// What the queue holds now (under its lock: a consistent view).
+    pub fn occupancy(&self) -> Occupancy {
+        let s = self.lock();
+        Occupancy {
+            ready: s.ready.len() as u64,
+            transactions_open: s.txs.len() as u64,
+            events_in_transactions: s.txs.values().map(|t| t.events.len() as u64).sum(),
+            queued_bytes: s.queued_bytes,
+        }
     }
 
     /// The log.

@@ -1,7 +1,12 @@
-//! The node's HTTP endpoint: `GET /metrics` (Prometheus text format) and `GET /health` (200 `ok`
+//! The node's HTTP endpoint: `GET /metrics` (Prometheus text format), `GET /health` (200 `ok`
 //! once recovery is done, 200 `degraded: ...` while writes wait for disk space, 503 before and
-//! after a failure and while stopping). `HEAD` answers the same headers without a body; anything
-//! else is 404 (or 405 for other methods).
+//! after a failure and while stopping), `GET /api/status` (the status as JSON, see
+//! [`crate::status`]) and the status page that draws it at `/` (also `/ui`). `HEAD` answers the
+//! same headers without a body; anything else is 404 (or 405 for other methods).
+//!
+//! The page is one HTML file embedded in the binary (`status_page.html`): its script polls
+//! `/api/status` every two seconds and draws its charts as SVG itself, so it loads nothing from
+//! anywhere else (no CDN, no fonts, no chart library).
 //!
 //! axum routes the requests; the connections are hyper's HTTP/1 (keep-alive), accepted by our
 //! own loop so that at most [`MAX_CONNECTIONS`] are open at once (a further client waits in the
@@ -23,8 +28,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use weir::stream::MetricsRegistry;
-
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
 /// How long a client may take to send a request head.
@@ -37,16 +40,10 @@ pub trait StatusSource: Send + Sync {
     fn prometheus_text(&self) -> String;
     /// The places waiting for disk space now (empty when none): `/health` is then degraded.
     fn waiting_for_space(&self) -> Vec<&'static str>;
-}
-
-impl StatusSource for MetricsRegistry {
-    fn prometheus_text(&self) -> String {
-        MetricsRegistry::prometheus_text(self)
-    }
-
-    fn waiting_for_space(&self) -> Vec<&'static str> {
-        MetricsRegistry::waiting_for_space(self)
-    }
+    /// The `/api/status` document, without its `health` (added by the endpoint).
+    fn status(&self) -> serde_json::Value;
+    /// Called once a second: remembers the counters for the status's rates.
+    fn tick(&self);
 }
 
 /// What the endpoint reports; filled in once recovery is done.
@@ -92,8 +89,13 @@ async fn metrics(State(status): State<SharedStatus>) -> impl IntoResponse {
 }
 
 async fn health(State(status): State<SharedStatus>) -> impl IntoResponse {
-    let s = weir::receiver::lock(&status);
-    let (code, body) = match (&s.failure, &s.metrics, s.stopping) {
+    let (code, body) = health_of(&weir::receiver::lock(&status));
+    (code, [(header::CONTENT_TYPE, TEXT)], body)
+}
+
+/// What `/health` answers (its status code and line).
+fn health_of(s: &Status) -> (StatusCode, String) {
+    match (&s.failure, &s.metrics, s.stopping) {
         (Some(f), _, _) => (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {f}\n")),
         (None, _, true) => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n".to_string()),
         (None, Some(m), false) => match m.waiting_for_space().as_slice() {
@@ -108,21 +110,68 @@ async fn health(State(status): State<SharedStatus>) -> impl IntoResponse {
             ),
         },
         (None, None, false) => (StatusCode::SERVICE_UNAVAILABLE, "recovering\n".to_string()),
+    }
+}
+
+/// `/api/status`: the source's document with `health` (the `/health` line) added; before
+/// recovery is done, only `health`. Always 200: the document says what is wrong.
+async fn api_status(State(status): State<SharedStatus>) -> impl IntoResponse {
+    let (health, source) = {
+        let s = weir::receiver::lock(&status);
+        (health_of(&s).1, s.metrics.clone())
     };
-    (code, [(header::CONTENT_TYPE, TEXT)], body)
+    // Outside the lock: reading every metric takes a while.
+    let mut doc = match source {
+        Some(m) => m.status(),
+        None => serde_json::json!({}),
+    };
+    if let Some(o) = doc.as_object_mut() {
+        o.insert("health".into(), health.trim_end().into());
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        doc.to_string(),
+    )
+}
+
+/// The status page (embedded; it loads nothing else).
+const PAGE: &str = include_str!("status_page.html");
+
+async fn page() -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Nothing from anywhere else: scripts and styles inline, data from this origin.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        PAGE,
+    )
 }
 
 async fn not_found() -> impl IntoResponse {
     (
         StatusCode::NOT_FOUND,
         [(header::CONTENT_TYPE, TEXT)],
-        "not found: try /metrics or /health\n",
+        "not found: try / (the status page), /api/status, /metrics or /health\n",
     )
 }
 
-/// The routes (GET, and HEAD without a body, on `/metrics` and `/health`).
+/// The routes (GET, and HEAD without a body, on `/`, `/ui`, `/api/status`, `/metrics` and
+/// `/health`).
 pub fn router(status: SharedStatus) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/ui", get(page))
+        .route("/api/status", get(api_status))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .fallback(not_found)
@@ -140,10 +189,23 @@ pub async fn serve(
     let listener = TcpListener::bind(address)
         .await
         .map_err(|e| format!("metrics endpoint: cannot listen on {address}: {e}"))?;
-    tracing::info!(%address, "metrics at http://{address}/metrics, health at /health");
+    tracing::info!(%address, "status page at http://{address}/, metrics at /metrics, health at /health");
+    let ticker = status.clone();
+    let sampling = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let source = weir::receiver::lock(&ticker).metrics.clone();
+            if let Some(s) = source {
+                s.tick();
+            }
+        }
+    });
     let service = TowerToHyperService::new(router(status));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
+        let _sampling = AbortOnDrop(sampling);
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
@@ -168,6 +230,15 @@ pub async fn serve(
             });
         }
     }))
+}
+
+/// Aborts the task when dropped (with the endpoint's task).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

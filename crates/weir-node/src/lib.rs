@@ -8,6 +8,7 @@ pub mod inspect_text;
 pub mod output;
 pub mod sink;
 pub mod stats;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,7 +199,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             return Ok(());
         }
     };
-    lock(&status).metrics = Some(Arc::new(running.metrics()));
+    let info = status::NodeInfo::new(&config, running.node_id().to_string());
+    lock(&status).metrics = Some(Arc::new(status::NodeStatus::new(running.metrics(), info)));
     tracing::info!("ready");
     let mut check = tokio::time::interval(Duration::from_millis(200));
     let signal_name = loop {

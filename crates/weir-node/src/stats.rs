@@ -33,6 +33,9 @@ pub fn output(position: usize, output: Arc<crate::output::Output>) -> LabelledSt
 pub struct SinkStatus {
     queue: Arc<crate::sink::SinkQueue>,
     registry: Registry,
+    rates: crate::status::RateWindow,
+    push: String,
+    pull: String,
 }
 
 #[derive(Debug)]
@@ -75,6 +78,7 @@ struct QueueCounters(Arc<crate::sink::SinkQueue>);
 impl ConnectorStats for QueueCounters {
     fn report(&self, out: &mut dyn FnMut(weir_receiver::Stat<'_>)) {
         self.0.stats().report(out);
+        self.0.occupancy().report(out);
     }
 }
 
@@ -92,7 +96,13 @@ impl SinkStatus {
         ];
         let mut registry = Registry::default();
         registry.register_collector(Box::new(SinkCollector { sources, wal }));
-        SinkStatus { queue, registry }
+        SinkStatus {
+            queue,
+            registry,
+            rates: crate::status::RateWindow::default(),
+            push: sink.push_addr.to_string(),
+            pull: sink.pull_addr.to_string(),
+        }
     }
 }
 
@@ -114,6 +124,16 @@ impl super::http::StatusSource for SinkStatus {
             v.push("free_space_floor");
         }
         v
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let samples = crate::status::Samples::parse(&self.prometheus_text());
+        crate::status::sink_document(&samples, &self.rates, &self.push, &self.pull)
+    }
+
+    fn tick(&self) {
+        self.rates
+            .record(&crate::status::Samples::parse(&self.prometheus_text()));
     }
 }
 

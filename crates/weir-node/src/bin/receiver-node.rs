@@ -63,6 +63,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print a running node's (or pull sink's) status: health, the last batch, receivers,
+    /// outputs, the WAL and the replica, read from its /api/status.
+    ///
+    /// The address is --address, else [metrics] address of --config, else 127.0.0.1:9898 (a
+    /// pull sink's default is 127.0.0.1:9899). Exit status: 0 if the node is healthy, 1 if it
+    /// answers but is not (failed, recovering, stopping, degraded, or an output failing), 2 if
+    /// it cannot be reached.
+    Status {
+        /// host:port of the node's HTTP endpoint.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// Read the address from this node configuration file ([metrics] address).
+        #[arg(long, value_name = "FILE", conflicts_with = "address")]
+        config: Option<PathBuf>,
+        /// Print the JSON document instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect a write-ahead log directory (read-only: safe on a live directory).
     #[command(subcommand)]
     Wal(WalCommand),
@@ -139,12 +157,61 @@ impl From<Format> for DumpFormat {
     }
 }
 
+/// `receiver-node status`.
+fn status(address: Option<String>, config: Option<&std::path::Path>, json: bool) -> ExitCode {
+    let address = match (address, config) {
+        (Some(a), _) => a,
+        (None, Some(file)) => match NodeConfig::load(file) {
+            Ok(c) => c.metrics.address.to_string(),
+            Err(e) => {
+                eprintln!("receiver-node status: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        },
+        (None, None) => "127.0.0.1:9898".to_string(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("receiver-node status: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(node::status::fetch(&address)) {
+        Ok(doc) => {
+            let text = if json {
+                format!("{doc:#}\n")
+            } else {
+                node::status::render_text(&doc)
+            };
+            let _ = io::stdout().write_all(text.as_bytes());
+            if node::status::healthy(&doc) {
+                ExitCode::from(EXIT_OK)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("receiver-node status: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => return run_node(config.as_deref()),
         Command::CheckConfig { file } => return check_config(&file),
         Command::Sink { config } => return run_sink(&config),
+        Command::Status {
+            address,
+            config,
+            json,
+        } => return status(address, config.as_deref(), json),
         Command::Wal(cmd) => run_wal(cmd),
     };
     match result {

@@ -84,6 +84,22 @@ pub enum OutputConfig {
 }
 
 impl OutputConfig {
+    /// A short description for job names, logs and the status page, e.g. `dir out/` or
+    /// `kafka topic events`.
+    pub fn describe(&self) -> String {
+        match self {
+            OutputConfig::Dir { path, .. } => format!("dir {}", path.display()),
+            OutputConfig::Stdout { .. } => "stdout".into(),
+            OutputConfig::Discard => "discard".into(),
+            OutputConfig::Kafka(c) if c.exactly_once => {
+                format!("kafka topic {} (exactly once)", c.topic)
+            }
+            OutputConfig::Kafka(c) => format!("kafka topic {}", c.topic),
+            OutputConfig::Parquet(c) => format!("parquet {}", c.destination()),
+            OutputConfig::Postgres(c) => format!("postgres table {}", c.table),
+        }
+    }
+
     /// The `type` value.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -406,17 +422,7 @@ impl Output {
 
     /// A short description for job names and logs, e.g. `dir out/` or `kafka topic events`.
     pub fn describe(&self) -> String {
-        match &self.config {
-            OutputConfig::Dir { path, .. } => format!("dir {}", path.display()),
-            OutputConfig::Stdout { .. } => "stdout".into(),
-            OutputConfig::Discard => "discard".into(),
-            OutputConfig::Kafka(c) if c.exactly_once => {
-                format!("kafka topic {} (exactly once)", c.topic)
-            }
-            OutputConfig::Kafka(c) => format!("kafka topic {}", c.topic),
-            OutputConfig::Parquet(c) => format!("parquet {}", c.destination()),
-            OutputConfig::Postgres(c) => format!("postgres table {}", c.table),
-        }
+        self.config.describe()
     }
 
     /// Writes `batch` to the output and counts it. Blocking.

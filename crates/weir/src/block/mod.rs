@@ -879,6 +879,7 @@ impl ReceiverHost for Host {
 
     fn report_error(&self, message: &str) {
         self.generator.metrics.errors_reported.inc();
+        self.generator.metrics.note_error(message);
         tracing::warn!(receiver = %self.generator.name, error = message, "receiver reported an error");
     }
 

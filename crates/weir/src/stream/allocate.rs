@@ -106,6 +106,7 @@ impl Engine {
             lock(&self.batch_checkpoints).insert(p.time, std::mem::take(&mut p.checkpoints));
         }
         self.metrics.batches_allocated.inc();
+        self.metrics.last_allocated_batch_ms.set(p.time);
         if !p.positions.is_empty() {
             lock(&self.direct_positions).extend(p.positions);
         }

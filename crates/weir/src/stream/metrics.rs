@@ -35,11 +35,17 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 macro_rules! metric_set {
     (
         $(#[$meta:meta])*
-        $vis:vis struct $name:ident { $( $field:ident : $kind:ident = ($metric:literal, $help:literal), )* }
+        $vis:vis struct $name:ident {
+            $( $field:ident : $kind:ident = ($metric:literal, $help:literal), )*
+            $( ; $( $(#[$xmeta:meta])* $xfield:ident : $xtype:ty, )* )?
+        }
     ) => {
         $(#[$meta])*
         #[derive(Debug, Default)]
-        $vis struct $name { $( pub(crate) $field: metric_set!(@type $kind), )* }
+        $vis struct $name {
+            $( pub(crate) $field: metric_set!(@type $kind), )*
+            $( $( $(#[$xmeta])* pub(crate) $xfield: $xtype, )* )?
+        }
 
         impl $name {
             $(
@@ -83,6 +89,7 @@ metric_set! {
         records_lost_corruption: counter = ("weir_records_lost_corruption", "Records lost to corruption found by recovery."),
         blocks_lost_corruption: counter = ("weir_blocks_lost_corruption", "Allocated blocks dropped because their WAL record was corrupt."),
         unallocated_blocks: gauge = ("weir_unallocated_blocks", "Durable blocks waiting for the next batch."),
+        last_allocated_batch_ms: gauge = ("weir_last_allocated_batch_ms", "Time of the last allocated batch, ms since the epoch."),
         last_completed_batch_ms: gauge = ("weir_last_completed_batch_ms", "Time of the last completed batch, ms since the epoch."),
         recovery_ms: gauge = ("weir_recovery_ms", "Duration of the last startup recovery, ms."),
         direct_records_read: counter = ("weir_direct_records_read", "Records read from direct sources' offset ranges (again on re-runs)."),
@@ -117,7 +124,58 @@ metric_set! {
         throttled_us: counter = ("weir_receiver_throttled_us", "Time store() calls waited for the rate limit, µs."),
         backpressure_waits: counter = ("weir_receiver_backpressure_waits", "store() calls that waited because max_pending_bytes was reached."),
         running: gauge = ("weir_receiver_running", "1 while the receiver runs."),
+        ;
+        /// The last error: a failed run (before its restart) or one reported with
+        /// `report_error`.
+        last_error: Mutex<Option<ReceiverIncident>>,
     }
+}
+
+/// A receiver's last error and when it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverIncident {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// What the receiver (or its supervisor) said.
+    pub message: String,
+}
+
+impl ReceiverMetrics {
+    /// Records `message` as the receiver's last error, now.
+    pub(crate) fn note_error(&self, message: &str) {
+        *lock(&self.last_error) = Some(ReceiverIncident {
+            at_ms: now_ms(),
+            message: message.to_string(),
+        });
+    }
+
+    /// The receiver's last error, if it had one.
+    pub fn last_error(&self) -> Option<ReceiverIncident> {
+        lock(&self.last_error).clone()
+    }
+}
+
+/// The system clock, ms since the epoch (0 before 1970).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How many completed batches [`Metrics::recent_batches`] keeps.
+pub const RECENT_BATCHES: usize = 300;
+
+/// One completed batch, as the status page charts it (Spark's Streaming tab's four figures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSummary {
+    /// The batch time, ms since the epoch.
+    pub time: u64,
+    /// Records in the batch.
+    pub records: u64,
+    /// From the batch time to the start of its processing, ms.
+    pub scheduling_ms: u64,
+    /// Processing (every job), ms.
+    pub processing_ms: u64,
 }
 
 /// Latency histograms (seconds).
@@ -197,6 +255,8 @@ pub struct Metrics {
     /// Where the engine waits for disk space (tracker, outputs, recovery).
     pub(crate) space: SpaceWaits,
     receivers: Mutex<BTreeMap<String, Arc<ReceiverMetrics>>>,
+    /// The last [`RECENT_BATCHES`] completed batches, oldest first.
+    recent: Mutex<std::collections::VecDeque<BatchSummary>>,
     /// Sources of samples from outside the engine, with the label naming each.
     stats: Mutex<Vec<LabelledStats>>,
 }
@@ -290,6 +350,25 @@ impl Metrics {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Remembers a completed batch (the oldest is forgotten beyond [`RECENT_BATCHES`]).
+    pub(crate) fn batch_completed(&self, summary: BatchSummary) {
+        let mut r = lock(&self.recent);
+        if r.len() == RECENT_BATCHES {
+            r.pop_front();
+        }
+        r.push_back(summary);
+    }
+
+    /// The last completed batches (at most [`RECENT_BATCHES`]), oldest first.
+    pub fn recent_batches(&self) -> Vec<BatchSummary> {
+        lock(&self.recent).iter().copied().collect()
+    }
+
+    /// Every source of samples added with [`add_stats`](Self::add_stats), in order.
+    pub fn added_stats(&self) -> Vec<LabelledStats> {
+        lock(&self.stats).clone()
     }
 
     /// Names of the receivers with metrics.

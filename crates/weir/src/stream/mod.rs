@@ -46,7 +46,10 @@ use crate::space::Place;
 use crate::tracker::{BlockRef, Commit, DirectRange, Tracker, TrackerError};
 use crate::wal::{CleanupThreshold, Storage, Wal, WalError, WalPosition};
 pub use config::{ClockMode, StreamingConfig};
-pub use metrics::{EngineMetrics, LabelledStats, Metrics, MetricsRegistry, ReceiverMetrics};
+pub use metrics::{
+    BatchSummary, EngineMetrics, LabelledStats, Metrics, MetricsRegistry, ReceiverIncident,
+    ReceiverMetrics,
+};
 pub use running::{RunningContext, StopReport};
 use weir_receiver::lock;
 

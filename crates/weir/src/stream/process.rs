@@ -184,6 +184,12 @@ impl Engine {
         m.batches_completed.inc();
         m.batch_records.inc_by(batch.count());
         m.last_completed_batch_ms.set(t);
+        m.batch_completed(crate::stream::BatchSummary {
+            time: t,
+            records: batch.count(),
+            scheduling_ms: scheduling,
+            processing_ms: processing,
+        });
         // Receivers first: whoever sees the batch completed then also sees it in their
         // completed checkpoints.
         self.receivers_completed(t);

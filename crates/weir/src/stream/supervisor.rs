@@ -70,6 +70,7 @@ pub(crate) async fn supervise(s: Supervised) {
         }
         let delay = backoff.next_delay();
         s.metrics.restarts.inc();
+        s.metrics.note_error(&failure);
         attempt = attempt.saturating_add(1);
         tracing::warn!(
             receiver = %s.name, error = %failure, restart_in_ms = delay.as_millis() as u64, attempt,
