@@ -598,14 +598,17 @@ pub async fn fetch(address: &str) -> Result<Value, String> {
         .map_err(|_| format!("{address} did not answer within {FETCH_TIMEOUT:?}"))?
 }
 
-/// Whether a status document shows a healthy node: health `ok` and no output failing.
+/// Whether a status document shows a healthy node: health `ok`, no output failing and no
+/// receiver restarting.
 pub fn healthy(doc: &Value) -> bool {
-    doc["health"] == "ok"
-        && !doc["outputs"]
+    let any = |list: &str, state: &str| {
+        doc[list]
             .as_array()
             .into_iter()
             .flatten()
-            .any(|o| o["state"] == "failing")
+            .any(|x| x["state"] == state)
+    };
+    doc["health"] == "ok" && !any("outputs", "failing") && !any("receivers", "restarting")
 }
 
 /// The terminal summary of a status document (`receiver-node status`).

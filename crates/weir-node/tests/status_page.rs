@@ -71,7 +71,8 @@ const READ_PAGE: &str = r#"(() => {
       id: s.dataset.chart, points: +s.dataset.points,
       series: !!s.querySelector('path.series'), reference: !!s.querySelector('line.ref') })),
     receivers: [...document.querySelectorAll('#receivers tbody tr')].map((r) => ({
-      name: r.dataset.name, state: r.querySelector('.state').textContent.trim() })),
+      name: r.dataset.name, state: r.querySelector('.state').textContent.trim(),
+      error: r.querySelector('.error').textContent })),
     outputs: [...document.querySelectorAll('#outputs tbody tr')].map((r) => ({
       position: +r.dataset.position, state: r.querySelector('.state').textContent.trim() })),
   };
@@ -102,6 +103,8 @@ fn real_browser_status_page_shows_live_batches_every_receiver_and_a_failing_outp
     let dir = tempfile::tempdir().unwrap();
     let (frames, lines, flume, mport) = (free_port(), free_port(), free_port(), free_port());
     let config = write_config(dir.path(), frames, lines, flume, mport);
+    // The `logs` receiver's port is taken: it fails and is restarted, again and again.
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", lines)).unwrap();
     let log = dir.path().join("node.log");
     let _node = Node::start("run", &config, Some(&log));
     wait_healthy(mport);
@@ -140,6 +143,13 @@ fn real_browser_status_page_shows_live_batches_every_receiver_and_a_failing_outp
         "the connector's own figures: {orders}"
     );
     assert_eq!(doc["receivers"][2]["type"], "flume");
+    assert_eq!(doc["receivers"][2]["state"], "running");
+    let logs = &doc["receivers"][1];
+    assert_eq!(logs["state"], "restarting", "{logs}");
+    assert!(logs["restarts"].as_u64() > Some(0), "{logs}");
+    let message = logs["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("cannot listen"), "{logs}");
+    assert!(logs["last_error"]["at_ms"].as_u64() <= doc["now_ms"].as_u64());
     assert_eq!(doc["outputs"][0]["state"], "ok");
     assert!(doc["wal"]["weir_wal_segments"].as_u64() >= Some(1));
     assert!(
@@ -186,18 +196,26 @@ fn real_browser_status_page_shows_live_batches_every_receiver_and_a_failing_outp
         3,
         "{r}"
     );
-    let shown: Vec<&str> = r["receivers"]
+    let shown: Vec<(&str, &str)> = r["receivers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| x["name"].as_str().unwrap())
+        .map(|x| (x["name"].as_str().unwrap(), x["state"].as_str().unwrap()))
         .collect();
-    assert_eq!(shown, ["orders", "logs", "from-flume"], "{r}");
+    assert_eq!(
+        shown,
+        [
+            ("orders", "running"),
+            ("logs", "restarting"),
+            ("from-flume", "running")
+        ],
+        "{r}"
+    );
     assert!(std::fs::metadata(&shot).unwrap().len() > 20_000);
 
     // The terminal summary.
     let (code, text) = status_command(mport, &[]);
-    assert_eq!(code, 0, "{text}");
+    assert_eq!(code, 1, "a receiver restarting is not healthy:\n{text}");
     for needle in [
         "health ok",
         "orders",

@@ -68,8 +68,8 @@ enum Command {
     ///
     /// The address is --address, else [metrics] address of --config, else 127.0.0.1:9898 (a
     /// pull sink's default is 127.0.0.1:9899). Exit status: 0 if the node is healthy, 1 if it
-    /// answers but is not (failed, recovering, stopping, degraded, or an output failing), 2 if
-    /// it cannot be reached.
+    /// answers but is not (failed, recovering, stopping, degraded, an output failing or a
+    /// receiver restarting), 2 if it cannot be reached.
     Status {
         /// host:port of the node's HTTP endpoint.
         #[arg(long, value_name = "HOST:PORT")]
