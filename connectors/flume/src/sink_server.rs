@@ -12,16 +12,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
-use weir_receiver::Shutdown;
+use weir_receiver::listener::{
+    closed_by_gate, Activity, Gate, ListenerMetricNames, ListenerSettings, ListenerStats, Refusal,
+    TlsConfig, DEFAULT_FIRST_BYTES_TIMEOUT_MS,
+};
+use weir_receiver::{listener_metric_names, Shutdown};
 
 use crate::ipc::datum::DatumReader;
 use crate::ipc::frame::FrameLimits;
 use crate::ipc::protocol::Protocol;
 use crate::ipc::responder::{Call, ConnectionState, Incoming, Responder};
-use crate::ipc::transport::{FrameReader, FrameWriter};
+use crate::ipc::transport::{FrameReader, FrameWriter, TransportError};
 use crate::source::{MAX_FRAME_BYTES_LIMIT, MIN_FRAME_BYTES};
 use crate::spark::{EventBatch, ACK, GET_EVENT_BATCH, NACK, SPARK_FLUME_LEGACY};
 
@@ -54,10 +59,25 @@ pub struct PullServerConfig {
     pub max_batch: usize,
     /// Largest request frame, bytes. Default 1 MiB; between 1024 and 1 GiB.
     pub max_frame_bytes: usize,
-    /// Connections served at once; further ones are closed at once. Default 64.
+    /// Connections served at once. When they are all open, the one idle the longest (one that
+    /// never sent data first; never one inside a call) is closed to make room for a newcomer;
+    /// only when none can be closed is the newcomer closed at once. Default 64.
     pub max_connections: usize,
+    /// Connections served at once from one IP address (the same rule when reached). 0 = no
+    /// limit but `max_connections`. Default 0.
+    pub max_connections_per_peer: usize,
+    /// A new connection must finish its TLS handshake and send its first byte within this long,
+    /// ms, or it is closed (and counted). 0 = no limit. Default 10000.
+    pub first_bytes_timeout_ms: u64,
+    /// The networks pull receivers may connect from (`"10.0.0.0/8"`, `"::1/128"`, or a bare
+    /// address); others are closed at once, counted and logged. Empty = everyone (the default).
+    pub allow: Vec<String>,
     /// A connection that sent nothing for this long is closed, ms. 0 = never. Default 600000.
     pub idle_timeout_ms: u64,
+    /// Serve TLS (a `tls` table: `cert_file`, `key_file`, optional `client_ca_file` to require
+    /// client certificates). Default: plain TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for PullServerConfig {
@@ -68,13 +88,28 @@ impl Default for PullServerConfig {
             max_batch: 10_000,
             max_frame_bytes: 1 << 20,
             max_connections: 64,
+            max_connections_per_peer: 0,
+            first_bytes_timeout_ms: DEFAULT_FIRST_BYTES_TIMEOUT_MS,
+            allow: Vec::new(),
             idle_timeout_ms: 600_000,
+            tls: None,
         }
     }
 }
 
 impl PullServerConfig {
-    /// Checks every field; the message names the field.
+    /// The listener's access settings.
+    pub fn listener_settings(&self) -> ListenerSettings {
+        ListenerSettings {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            first_bytes_timeout_ms: self.first_bytes_timeout_ms,
+            allow: self.allow.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// Checks every field (and loads the TLS files); the message names the field.
     ///
     /// # Errors
     /// A description of the first problem found.
@@ -105,7 +140,7 @@ impl PullServerConfig {
                 self.max_frame_bytes
             ));
         }
-        Ok(())
+        self.listener_settings().validate()
     }
 }
 
@@ -130,7 +165,13 @@ pub struct PullServerStats {
     pub nacks: AtomicU64,
     /// Connections closed for malformed input.
     pub malformed_closed: AtomicU64,
+    /// The listener's gate: evicted and refused connections, TLS handshake failures,
+    /// first-bytes timeouts.
+    pub connections: Arc<ListenerStats>,
 }
+
+/// The names of the pull listener's counters.
+const LISTENER_NAMES: ListenerMetricNames = listener_metric_names!("weir_sink_pull");
 
 impl weir_receiver::ConnectorStats for PullServerStats {
     fn report(&self, out: &mut dyn FnMut(weir_receiver::Stat<'_>)) {
@@ -172,6 +213,7 @@ impl weir_receiver::ConnectorStats for PullServerStats {
         ] {
             out(Stat::counter(name, help, v.load(Relaxed)));
         }
+        self.connections.report(&LISTENER_NAMES, out);
         out(Stat::gauge(
             "weir_sink_pull_connections_active",
             "Pull connections open now.",
@@ -202,13 +244,21 @@ pub async fn bind(config: &PullServerConfig) -> Result<TcpListener, String> {
 }
 
 /// Serves `listener` until `shutdown`; open connections are closed then.
+///
+/// # Errors
+/// The TLS files could not be loaded (or other invalid access settings): nothing is served.
 pub async fn serve<Q: PullQueue>(
     listener: TcpListener,
     queue: Arc<Q>,
     config: PullServerConfig,
     stats: Arc<PullServerStats>,
     shutdown: Shutdown,
-) {
+) -> Result<(), String> {
+    let gate = Gate::new(
+        "pull-sink",
+        config.listener_settings(),
+        stats.connections.clone(),
+    )?;
     let responder = Arc::new(spark_responder());
     let config = Arc::new(config);
     let mut connections = JoinSet::new();
@@ -219,11 +269,20 @@ pub async fn serve<Q: PullQueue>(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    if stats.connections_active.load(Relaxed) >= config.max_connections as u64 {
-                        stats.connections_rejected.fetch_add(1, Relaxed);
-                        tracing::warn!(%peer, "pull sink: max_connections are open; closing the new one");
-                        continue;
-                    }
+                    let admitted = match gate.admit(peer) {
+                        Ok(a) => a,
+                        Err(Refusal::Full) => {
+                            stats.connections_rejected.fetch_add(1, Relaxed);
+                            tracing::warn!(
+                                %peer,
+                                "pull sink: max_connections are open, all inside a call; \
+                                 closing the new one"
+                            );
+                            continue;
+                        }
+                        // Counted and logged by the gate.
+                        Err(_) => continue,
+                    };
                     stats.connections_accepted.fetch_add(1, Relaxed);
                     stats.connections_active.fetch_add(1, Relaxed);
                     let (q, c, s, r, sd) = (
@@ -234,7 +293,12 @@ pub async fn serve<Q: PullQueue>(
                         shutdown.clone(),
                     );
                     connections.spawn(async move {
-                        connection(stream, peer, &*q, &c, &s, &r, &sd).await;
+                        // The TLS handshake, if any, runs here, not in the accept loop.
+                        if let Some(stream) = admitted.open(stream).await {
+                            stream.set_nodelay(true);
+                            let activity = stream.activity();
+                            connection(stream, peer, &*q, &c, &s, &r, &sd, activity).await;
+                        }
                         s.connections_active.fetch_sub(1, Relaxed);
                     });
                 }
@@ -247,19 +311,21 @@ pub async fn serve<Q: PullQueue>(
     }
     drop(listener);
     connections.shutdown().await;
+    Ok(())
 }
 
-async fn connection<Q: PullQueue>(
-    stream: TcpStream,
+#[allow(clippy::too_many_arguments)]
+async fn connection<Q: PullQueue, S: AsyncRead + AsyncWrite>(
+    stream: S,
     peer: SocketAddr,
     queue: &Q,
     config: &PullServerConfig,
     stats: &PullServerStats,
     responder: &Responder,
     shutdown: &Shutdown,
+    activity: Activity,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = tokio::io::split(stream);
     let limits = FrameLimits {
         max_frame_bytes: config.max_frame_bytes,
         max_buffers: 65_536,
@@ -284,6 +350,8 @@ async fn connection<Q: PullQueue>(
             Err(_) => break format!("idle for {} ms", config.idle_timeout_ms),
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => break "closed by the client".to_string(),
+            // Counted (and logged, rate-limited) by the gate.
+            Ok(Err(TransportError::Io(e))) if closed_by_gate(&e).is_some() => break e.to_string(),
             Ok(Err(e)) => {
                 stats.malformed_closed.fetch_add(1, Relaxed);
                 tracing::warn!(%peer, "pull sink: connection closed: {e}");
@@ -298,6 +366,8 @@ async fn connection<Q: PullQueue>(
             }
             Ok(Incoming::Reply(buffers)) => buffers,
             Ok(Incoming::Call(call)) => {
+                // Not evicted inside a call (a batch being handed out, an ack being recorded).
+                let _busy = activity.busy();
                 let executed = tokio::select! {
                     () = shutdown.requested() => None,
                     r = execute(call, queue, config, stats) => Some(r),

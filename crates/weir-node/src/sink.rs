@@ -225,13 +225,19 @@ impl PullSink {
         let (trigger, shutdown) = shutdown_channel();
         let mut tasks = Vec::new();
         let pull_stats = Arc::new(PullServerStats::default());
-        tasks.push(tokio::spawn(sink_server::serve(
+        let serving = sink_server::serve(
             listener,
             queue.clone(),
             config.pull.clone(),
             pull_stats.clone(),
             shutdown.clone(),
-        )));
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serving.await {
+                // The TLS files were readable at validation: they changed since.
+                tracing::error!(error = %e, "pull sink: the pull port cannot serve");
+            }
+        }));
         let ctx = ReceiverContext::new(
             "pull-sink",
             Arc::new(QueueHost(queue.clone())),

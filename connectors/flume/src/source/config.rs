@@ -1,6 +1,7 @@
 //! Configuration of a [`FlumeSourceReceiver`](crate::FlumeSourceReceiver).
 
 use serde::{Deserialize, Serialize};
+use weir_receiver::listener::{ListenerSettings, TlsConfig, DEFAULT_FIRST_BYTES_TIMEOUT_MS};
 
 /// The default `address`: Flume's customary Avro port on the loopback interface.
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:41414";
@@ -29,9 +30,20 @@ pub struct FlumeSourceConfig {
     pub max_buffers_per_frame: usize,
     /// Most events in one `appendBatch`; more is answered with an error. Default 10000.
     pub max_events_per_batch: usize,
-    /// Connections served at once; further ones are closed at once (and counted as rejected).
-    /// Default 64.
+    /// Connections served at once. When they are all open, the one idle the longest (one that
+    /// never sent data first; never one with calls outstanding) is closed to make room for a
+    /// newcomer; only when none can be closed is the newcomer closed at once (and counted as
+    /// rejected). Default 64.
     pub max_connections: usize,
+    /// Connections served at once from one IP address (the same rule when reached). 0 = no
+    /// limit but `max_connections`. Default 0.
+    pub max_connections_per_peer: usize,
+    /// A new connection must finish its TLS handshake and send its first byte within this long,
+    /// ms, or it is closed (and counted). 0 = no limit. Default 10000.
+    pub first_bytes_timeout_ms: u64,
+    /// The networks agents may connect from (`"10.0.0.0/8"`, `"::1/128"`, or a bare address);
+    /// others are closed at once, counted and logged. Empty = everyone (the default).
+    pub allow: Vec<String>,
     /// A connection that sent nothing for this long, with no call outstanding, is closed, ms
     /// (a Flume agent reconnects on its next batch). 0 = never. Default 600000 (10 minutes).
     pub idle_timeout_ms: u64,
@@ -41,6 +53,11 @@ pub struct FlumeSourceConfig {
     /// Once shutdown is requested, how long outstanding calls may wait to become durable before
     /// they are answered `FAILED`, ms. Default 5000.
     pub close_timeout_ms: u64,
+    /// Serve TLS (a `tls` table: `cert_file`, `key_file`, optional `client_ca_file` to require
+    /// client certificates), as Flume's Avro sink speaks it with `ssl = true`. Default: plain
+    /// TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for FlumeSourceConfig {
@@ -52,9 +69,13 @@ impl Default for FlumeSourceConfig {
             max_buffers_per_frame: 65_536,
             max_events_per_batch: 10_000,
             max_connections: 64,
+            max_connections_per_peer: 0,
+            first_bytes_timeout_ms: DEFAULT_FIRST_BYTES_TIMEOUT_MS,
+            allow: Vec::new(),
             idle_timeout_ms: 600_000,
             max_in_flight: 16,
             close_timeout_ms: 5_000,
+            tls: None,
         }
     }
 }
@@ -68,7 +89,19 @@ impl FlumeSourceConfig {
         }
     }
 
-    /// Checks every field; the message names the field and what is expected.
+    /// The listener's access settings.
+    pub fn listener_settings(&self) -> ListenerSettings {
+        ListenerSettings {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            first_bytes_timeout_ms: self.first_bytes_timeout_ms,
+            allow: self.allow.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// Checks every field (and loads the TLS files); the message names the field and what is
+    /// expected.
     ///
     /// # Errors
     /// A description of the first problem found.
@@ -106,7 +139,7 @@ impl FlumeSourceConfig {
                 i32::MAX
             ));
         }
-        Ok(())
+        self.listener_settings().validate()
     }
 }
 

@@ -8,12 +8,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
+use weir_receiver::listener::{closed_by_gate, Activity, BusyGuard};
 use weir_receiver::{ReceiverContext, StoreFuture};
 
 use crate::flume::{self, Status};
 use crate::ipc::frame::FrameLimits;
 use crate::ipc::responder::{Call, ConnectionState, Incoming, Responder};
-use crate::ipc::transport::{FrameReader, FrameWriter};
+use crate::ipc::transport::{FrameReader, FrameWriter, TransportError};
 
 use super::config::FlumeSourceConfig;
 use super::stats::FlumeSourceStats;
@@ -32,13 +33,20 @@ enum Pending {
         call: Call,
         events: u64,
         store: StoreFuture,
+        /// The connection is not evicted until the call is answered.
+        _busy: BusyGuard,
     },
 }
 
 /// Serves one connection until the peer closes it, it breaks a limit, it idles out, or the
 /// receiver shuts down.
-pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, ctx: &ReceiverContext, shared: &Shared)
-where
+pub(crate) async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: &ReceiverContext,
+    shared: &Shared,
+    activity: Activity,
+) where
     S: AsyncRead + AsyncWrite + Send,
 {
     let config = &shared.config;
@@ -77,6 +85,10 @@ where
                 Err(_) => continue, // calls outstanding: not idle
                 Ok(Ok(Some(f))) => f,
                 Ok(Ok(None)) => break "closed by the client".to_string(),
+                // Counted (and logged, rate-limited) by the gate.
+                Ok(Err(TransportError::Io(e))) if closed_by_gate(&e).is_some() => {
+                    break e.to_string();
+                }
                 Ok(Err(e)) => {
                     FlumeSourceStats::add(&shared.stats.malformed_closed, 1);
                     let msg = format!("connection from {peer} closed: {e}");
@@ -97,7 +109,7 @@ where
                     break format!("malformed request: {e}");
                 }
                 Ok(Incoming::Reply(buffers)) => Pending::Ready(buffers),
-                Ok(Incoming::Call(call)) => execute(call, peer, ctx, shared),
+                Ok(Incoming::Call(call)) => execute(call, peer, ctx, shared, &activity),
             };
             if tx.send((frame.serial, pending)).await.is_err() {
                 break "writing a reply failed".to_string();
@@ -111,7 +123,13 @@ where
 }
 
 /// Decodes a call's events and starts storing them.
-fn execute(mut call: Call, peer: SocketAddr, ctx: &ReceiverContext, shared: &Shared) -> Pending {
+fn execute(
+    mut call: Call,
+    peer: SocketAddr,
+    ctx: &ReceiverContext,
+    shared: &Shared,
+    activity: &Activity,
+) -> Pending {
     let decoded = match call.message.as_str() {
         flume::APPEND => flume::decode_append(&mut call.params),
         flume::APPEND_BATCH => {
@@ -148,6 +166,7 @@ fn execute(mut call: Call, peer: SocketAddr, ctx: &ReceiverContext, shared: &Sha
         call,
         events,
         store: ctx.store(records),
+        _busy: activity.busy(),
     }
 }
 
@@ -175,6 +194,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 call,
                 events,
                 mut store,
+                _busy,
             } => {
                 let result = tokio::select! {
                     r = &mut store => Some(r),

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 use tokio::task::JoinSet;
 use tokio::time::sleep;
+use weir_receiver::listener::{Gate, Refusal};
 use weir_receiver::{BoundAddress, Receiver, ReceiverContext, ReceiverError};
 
 pub use config::{FlumeSourceConfig, DEFAULT_ADDRESS, MAX_FRAME_BYTES_LIMIT, MIN_FRAME_BYTES};
@@ -111,6 +112,13 @@ impl Receiver for FlumeSourceReceiver {
     /// retries with backoff).
     async fn run(&self, ctx: ReceiverContext) -> Result<(), ReceiverError> {
         let config = &self.shared.config;
+        // Built per run, so that a restart reads the certificate files again.
+        let gate = Gate::new(
+            ctx.name(),
+            config.listener_settings(),
+            self.shared.stats.connections.clone(),
+        )
+        .map_err(|e| ReceiverError::msg(format!("flume receiver `{}`: {e}", ctx.name())))?;
         let listener = TcpListener::bind(&config.address).await.map_err(|e| {
             ReceiverError::context(
                 format!(
@@ -127,6 +135,7 @@ impl Receiver for FlumeSourceReceiver {
             receiver = ctx.name(),
             address = %local,
             deflate = config.deflate,
+            tls = gate.is_tls(),
             "flume avro source listening"
         );
         let stats = &self.shared.stats;
@@ -140,27 +149,35 @@ impl Receiver for FlumeSourceReceiver {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        if FlumeSourceStats::get(&stats.connections_active)
-                            >= config.max_connections as u64
-                        {
-                            FlumeSourceStats::add(&stats.connections_rejected, 1);
-                            tracing::warn!(
-                                receiver = ctx.name(),
-                                %peer,
-                                max_connections = config.max_connections,
-                                "connection refused: max_connections are open; closing it"
-                            );
-                            drop(stream);
-                            continue;
-                        }
+                        let admitted = match gate.admit(peer) {
+                            Ok(a) => a,
+                            Err(Refusal::Full) => {
+                                FlumeSourceStats::add(&stats.connections_rejected, 1);
+                                tracing::warn!(
+                                    receiver = ctx.name(),
+                                    %peer,
+                                    max_connections = config.max_connections,
+                                    "connection refused: max_connections are open, all with \
+                                     calls outstanding; closing it"
+                                );
+                                continue;
+                            }
+                            // Counted and logged by the gate.
+                            Err(_) => continue,
+                        };
                         FlumeSourceStats::add(&stats.connections_accepted, 1);
-                        tracing::info!(receiver = ctx.name(), %peer, "connection accepted");
+                        tracing::debug!(receiver = ctx.name(), %peer, "connection accepted");
                         let (ctx, shared) = (ctx.clone(), self.shared.clone());
                         let guard = shared.stats.active();
                         connections.spawn(async move {
                             let _guard = guard;
-                            let _ = stream.set_nodelay(true);
-                            conn::serve(stream, peer, &ctx, &shared).await;
+                            // The TLS handshake, if any, runs here, not in the accept loop.
+                            let Some(stream) = admitted.open(stream).await else {
+                                return;
+                            };
+                            stream.set_nodelay(true);
+                            let activity = stream.activity();
+                            conn::serve(stream, peer, &ctx, &shared, activity).await;
                         });
                     }
                     Err(e) => {

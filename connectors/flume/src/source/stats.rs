@@ -3,7 +3,11 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use weir_receiver::{ConnectorStats, Stat};
+use weir_receiver::listener::{ListenerMetricNames, ListenerStats};
+use weir_receiver::{listener_metric_names, ConnectorStats, Stat};
+
+/// The names of the listener's counters.
+const LISTENER_NAMES: ListenerMetricNames = listener_metric_names!("weir_flume");
 
 /// Counters of one Flume source, shared with its connections; they live as long as the
 /// receiver value, across restarts of its `run`.
@@ -31,6 +35,9 @@ pub struct FlumeSourceStats {
     pub malformed_closed: AtomicU64,
     /// Connections closed by `idle_timeout_ms`.
     pub idle_closed: AtomicU64,
+    /// The listener's gate: evicted and refused connections, TLS handshake failures,
+    /// first-bytes timeouts.
+    pub connections: Arc<ListenerStats>,
 }
 
 impl FlumeSourceStats {
@@ -75,6 +82,7 @@ impl ConnectorStats for FlumeSourceStats {
         ] {
             out(Stat::counter(name, help, v.load(Relaxed)));
         }
+        self.connections.report(&LISTENER_NAMES, out);
         out(Stat::gauge(
             "weir_flume_connections_active",
             "Connections open now.",

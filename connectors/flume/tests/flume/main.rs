@@ -2,6 +2,7 @@
 //! Java's captured bytes, the Python Flume client as a subprocess, malformed input and limits,
 //! failures and shutdown.
 
+mod access;
 mod capture;
 mod common;
 mod malformed;

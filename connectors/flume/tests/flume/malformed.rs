@@ -2,7 +2,6 @@
 //! other connections keep working; nothing panics.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
 use weir_flume::flume::Status;
 use weir_flume::FlumeSourceConfig;
@@ -111,7 +110,7 @@ async fn garbage_in_a_deflated_stream_closes_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_max_connections_are_closed_and_idle_ones_time_out() {
+async fn at_max_connections_the_idle_one_makes_room_and_idle_ones_time_out() {
     let host = RecordingHost::new();
     let r = start(
         FlumeSourceConfig {
@@ -122,28 +121,30 @@ async fn connections_beyond_max_connections_are_closed_and_idle_ones_time_out() 
         host.clone(),
     )
     .await;
+    let stats = r.receiver.stats();
     let mut first = Client::connect(r.addr, false).await;
     assert_eq!(first.append_batch(&events(0, 1)).await, Status::Ok);
+    // The first one has no call outstanding: it makes room for the second.
     let mut second = Client::connect(r.addr, false).await;
-    let end = tokio::time::timeout(SOON, second.next_frame())
-        .await
-        .unwrap();
-    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
-    let stats = r.receiver.stats();
-    assert_eq!(stats.connections_rejected.load(Relaxed), 1);
-    // The first one idles out.
     let end = tokio::time::timeout(SOON, first.next_frame())
         .await
         .unwrap();
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    assert_eq!(stats.connections.evicted.load(Relaxed), 1);
+    assert_eq!(stats.connections_rejected.load(Relaxed), 0);
+    assert_eq!(second.append_batch(&events(1, 1)).await, Status::Ok);
+    // Then the second one idles out.
+    let end = tokio::time::timeout(SOON, second.next_frame())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
     assert_eq!(stats.idle_closed.load(Relaxed), 1);
-    // Then a new connection is served.
     wait_until_async("the idle connection is gone", SOON, || {
         stats.connections_active.load(Relaxed) == 0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
     let mut third = Client::connect(r.addr, false).await;
-    assert_eq!(third.append_batch(&events(1, 1)).await, Status::Ok);
+    assert_eq!(third.append_batch(&events(2, 1)).await, Status::Ok);
+    assert_eq!(host.durable_count(), 3);
     r.stop().await;
 }
