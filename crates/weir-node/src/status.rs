@@ -807,6 +807,8 @@ fn wal_line(out: &mut String, w: &Value) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -824,6 +826,56 @@ mod tests {
         // p99 is beyond the last finite bucket: its bound.
         assert_eq!(s.quantile("h", &[], 0.99), Some(0.01));
         assert_eq!(s.quantile("none", &[], 0.5), None);
+    }
+
+    /// A node's document from an engine registry: one receiver that failed, two outputs (the
+    /// second failing), an object-store replica configured.
+    #[test]
+    fn node_document_names_states_errors_and_the_replica() {
+        let metrics = Arc::new(weir::stream::Metrics::default());
+        let registry =
+            MetricsRegistry::new(metrics.clone(), Arc::new(weir::wal::WalMetrics::default()));
+        let outputs: Vec<Arc<crate::output::Output>> = (1..=2)
+            .map(|i| {
+                Arc::new(
+                    crate::output::Output::new(&crate::output::OutputConfig::Discard, i).unwrap(),
+                )
+            })
+            .collect();
+        for (i, o) in outputs.iter().enumerate() {
+            registry.add_stats(crate::stats::output(i + 1, o.clone()));
+        }
+        outputs[1].stats().failed();
+        let _ = metrics.receiver("in");
+        let info = NodeInfo {
+            node_id: "n1".into(),
+            batch_interval_ms: 250,
+            receivers: vec![("in".into(), "socket".into())],
+            outputs: vec![("discard".into(), "discard".into()); 2],
+            replication: Some("object_store".into()),
+        };
+        let status = NodeStatus::new(registry, info);
+        let doc = crate::http::StatusSource::status(&status);
+        assert_eq!(doc["mode"], "run");
+        assert_eq!(doc["node_id"], "n1");
+        assert_eq!(doc["batch_interval_ms"], 250);
+        assert_eq!(doc["batches"], json!([]));
+        // Never started, no error: stopped.
+        assert_eq!(doc["receivers"][0]["state"], "stopped");
+        assert_eq!(doc["receivers"][0]["last_error"], Value::Null);
+        assert_eq!(doc["outputs"][0]["state"], "ok");
+        assert_eq!(doc["outputs"][1]["state"], "failing");
+        assert_eq!(doc["outputs"][1]["failures"], 1);
+        assert_eq!(doc["replication"]["kind"], "object_store");
+        assert_eq!(doc["replication"]["weir_replica_epoch"], 0);
+        let mut with_health = doc.clone();
+        with_health["health"] = json!("ok");
+        assert!(!healthy(&with_health), "an output fails");
+        let text = render_text(&with_health);
+        assert!(
+            text.contains("failing") && text.contains("replica (object_store)"),
+            "{text}"
+        );
     }
 
     #[test]

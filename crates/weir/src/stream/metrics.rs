@@ -673,6 +673,30 @@ impl ConnectorStats for SpaceStats {
 mod tests {
     use super::*;
 
+    #[test]
+    fn recent_batches_keep_the_newest_and_receivers_their_last_error() {
+        let m = Metrics::default();
+        for t in 0..(RECENT_BATCHES as u64 + 5) {
+            m.batch_completed(BatchSummary {
+                time: t,
+                records: t,
+                scheduling_ms: 1,
+                processing_ms: 2,
+            });
+        }
+        let recent = m.recent_batches();
+        assert_eq!(recent.len(), RECENT_BATCHES);
+        assert_eq!(recent[0].time, 5, "the oldest are forgotten");
+        assert_eq!(recent.last().unwrap().time, RECENT_BATCHES as u64 + 4);
+        let r = m.receiver("r");
+        assert_eq!(r.last_error(), None);
+        r.note_error("first");
+        r.note_error("second");
+        let e = r.last_error().unwrap();
+        assert_eq!(e.message, "second");
+        assert!(e.at_ms > 1_700_000_000_000, "{e:?}");
+    }
+
     fn registry() -> MetricsRegistry {
         MetricsRegistry::new(
             Arc::new(Metrics::default()),
