@@ -193,6 +193,20 @@ fn key_line(text: &str, span: std::ops::Range<usize>, key: &str) -> Option<usize
     None
 }
 
+/// Makes the relative file paths of a listener's `tls` table relative to `base` (the
+/// configuration file's directory).
+pub(crate) fn resolve_tls_paths(table: &mut toml::Table, base: &Path) {
+    if let Some(toml::Value::Table(tls)) = table.get_mut("tls") {
+        for key in ["cert_file", "key_file", "client_ca_file"] {
+            if let Some(toml::Value::String(p)) = tls.get_mut(key) {
+                if Path::new(p.as_str()).is_relative() && !base.as_os_str().is_empty() {
+                    *p = base.join(p.as_str()).display().to_string();
+                }
+            }
+        }
+    }
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -202,19 +216,36 @@ impl NodeConfig {
     ///
     /// # Errors
     /// [`ConfigError`] naming the file, the key (and line where known) and what is expected.
+    ///
+    /// Relative paths of receivers' TLS files (`[receiver.tls]`: `cert_file`, `key_file`,
+    /// `client_ca_file`) are relative to the file's directory.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             origin: path.display().to_string(),
             message: format!("cannot read: {e}"),
         })?;
-        NodeConfig::parse(&text, &path.display().to_string())
+        let base = path.parent().unwrap_or(Path::new(""));
+        NodeConfig::parse_in(&text, &path.display().to_string(), Some(base))
     }
 
-    /// Parses and validates configuration text; `origin` names it in errors.
+    /// Parses and validates configuration text; `origin` names it in errors. Relative TLS file
+    /// paths are relative to the working directory.
     ///
     /// # Errors
     /// [`ConfigError`] naming the key (and line where known) and what is expected.
     pub fn parse(text: &str, origin: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse_in(text, origin, None)
+    }
+
+    /// [`parse`](Self::parse), with relative TLS file paths taken relative to `base` if given.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key (and line where known) and what is expected.
+    pub fn parse_in(
+        text: &str,
+        origin: &str,
+        base: Option<&Path>,
+    ) -> Result<NodeConfig, ConfigError> {
         let err = |message: String| ConfigError {
             origin: origin.to_string(),
             message,
@@ -251,6 +282,9 @@ impl NodeConfig {
                     .unwrap_or(line);
                 err(format!("[[receiver]] {name:?} (line {key_line}): {what}"))
             };
+            if let Some(base) = base {
+                resolve_tls_paths(&mut table, base);
+            }
             let kind = ReceiverKind::parse(&kind, table).map_err(at)?;
             if receivers.iter().any(|r: &ReceiverSpec| r.name == name) {
                 return Err(at("a receiver with this name already exists".into()));

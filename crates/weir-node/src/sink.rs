@@ -97,6 +97,28 @@ impl PullSinkConfig {
         Ok(c)
     }
 
+    /// Reads a file, parses and validates it; relative paths of the `[push.tls]` and
+    /// `[pull.tls]` files are relative to the file's directory.
+    ///
+    /// # Errors
+    /// A message naming the file, or the section and key.
+    pub fn load(path: &std::path::Path) -> Result<PullSinkConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
+        let base = path.parent().unwrap_or(std::path::Path::new(""));
+        for side in ["push", "pull"] {
+            if let Some(toml::Value::Table(t)) = table.get_mut(side) {
+                crate::config::resolve_tls_paths(t, base);
+            }
+        }
+        let c: PullSinkConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
     /// Checks every section.
     ///
     /// # Errors

@@ -111,6 +111,28 @@ pub fn avro_sink_agent(seq: SeqSource, port: u16, batch_size: u32, deflate: bool
     )
 }
 
+/// [`avro_sink_agent`] over TLS: the Avro sink's `ssl = true`, trusting the Java truststore
+/// `truststore` (`truststore_type` `JKS` or `PKCS12`, password `password`; see
+/// [`crate::tls::TestPki::java_truststore`]).
+pub fn avro_sink_agent_tls(
+    seq: SeqSource,
+    port: u16,
+    batch_size: u32,
+    truststore: &std::path::Path,
+    truststore_type: &str,
+    password: &str,
+) -> String {
+    format!(
+        "{}{AGENT}.sinks.{SINK}.ssl = true
+         {AGENT}.sinks.{SINK}.truststore = {}
+         {AGENT}.sinks.{SINK}.truststore-password = {password}
+         {AGENT}.sinks.{SINK}.truststore-type = {truststore_type}
+",
+        avro_sink_agent(seq, port, batch_size, false),
+        truststore.display()
+    )
+}
+
 /// The properties of one Avro sink named `name` draining the channel.
 fn avro_sink(name: &str, port: u16, batch_size: u32, deflate: bool) -> String {
     format!(
