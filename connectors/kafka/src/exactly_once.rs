@@ -33,7 +33,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use weir_receiver::{lock, Record};
 
@@ -253,68 +252,26 @@ impl TransactionalOutput {
         let key = self.key(node_id);
         let mut c = self.config.plain_client_config();
         c.set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("fetch.wait.max.ms", "10")
             .set("group.id", format!("weir-out-reader.{node_id}"));
-        let consumer: BaseConsumer = c
-            .create()
-            .map_err(|e| kafka_err("creating a reader of the batches topic", &e))?;
-        let meta = consumer
-            .fetch_metadata(Some(&topic), self.timeout())
-            .map_err(|e| kafka_err("reading the batches topic's metadata", &e))?;
-        let partitions: Vec<i32> = meta
-            .topics()
-            .first()
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
-        let mut tpl = TopicPartitionList::new();
-        let mut open = 0;
-        for p in &partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, *p, self.timeout())
-                .map_err(|e| kafka_err("reading the batches topic's offsets", &e))?;
-            if high > low {
-                tpl.add_partition_offset(&topic, *p, Offset::Beginning)
-                    .map_err(|e| kafka_err("assigning the batches topic", &e))?;
-                open += 1;
-            }
-        }
-        if open == 0 {
-            return Ok(None);
-        }
-        consumer
-            .assign(&tpl)
-            .map_err(|e| kafka_err("assigning the batches topic", &e))?;
         let mut last: Option<u64> = None;
-        let deadline = Instant::now() + self.timeout() * 2;
-        while open > 0 {
-            if Instant::now() > deadline {
-                return Err(KafkaOutputError::Create(format!(
-                    "reading the batches topic {topic} took longer than {} ms",
-                    2 * self.config.delivery_timeout_ms
-                )));
+        crate::read::read_to_end(&c, &topic, self.timeout(), self.timeout() * 2, &mut |m| {
+            if m.key() != Some(key.as_bytes()) {
+                return Ok(());
             }
-            match consumer.poll(Duration::from_millis(200)) {
-                None => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => open -= 1,
-                Some(Err(e)) => return Err(kafka_err("reading the batches topic", &e)),
-                Some(Ok(m)) => {
-                    if m.key() != Some(key.as_bytes()) {
-                        continue;
-                    }
-                    let Some(payload) = m.payload() else { continue };
-                    let b: BatchRecord = serde_json::from_slice(payload).map_err(|e| {
-                        KafkaOutputError::Create(format!(
-                            "the batches topic {topic} holds a record at offset {} that is not \
-                             a batch record: {e}",
-                            m.offset()
-                        ))
-                    })?;
-                    last = last.max(Some(b.batch_time));
-                }
-            }
-        }
+            let Some(payload) = m.payload() else {
+                return Ok(());
+            };
+            let b: BatchRecord = serde_json::from_slice(payload).map_err(|e| {
+                format!(
+                    "the batches topic {topic} holds a record at offset {} that is not a \
+                         batch record: {e}",
+                    m.offset()
+                )
+            })?;
+            last = last.max(Some(b.batch_time));
+            Ok(())
+        })
+        .map_err(KafkaOutputError::Create)?;
         Ok(last)
     }
 }

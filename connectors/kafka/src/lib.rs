@@ -19,9 +19,11 @@
 
 mod direct;
 pub mod exactly_once;
+mod read;
 pub mod replica;
 mod stats;
 pub use direct::{DirectStats, KafkaDirectSource};
+pub use read::read_to_end;
 pub use replica::KafkaReplica;
 
 use std::collections::{BTreeMap, HashMap};

@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 
 use crate::verify::parse_record;
 
@@ -130,7 +129,21 @@ impl Destination {
                 }
             }
             Destination::Kafka { bootstrap, topic } => {
-                read_committed(bootstrap, topic, &mut |p| count(p))?;
+                let mut reader = ClientConfig::new();
+                reader
+                    .set("bootstrap.servers", bootstrap.as_str())
+                    .set("group.id", "crash-harness-reader")
+                    .set("isolation.level", "read_committed");
+                weir_kafka::read_to_end(
+                    &reader,
+                    topic,
+                    Duration::from_secs(10),
+                    Duration::from_secs(120),
+                    &mut |m| {
+                        count(m.payload().unwrap_or_default());
+                        Ok(())
+                    },
+                )?;
             }
             Destination::Parquet {
                 dir,
@@ -159,55 +172,4 @@ impl Destination {
         }
         Ok((seen, corrupt))
     }
-}
-
-/// Calls `f` with the payload of every committed record of `topic`, from the beginning to the
-/// end as it is now (`read_committed`: aborted attempts are not seen).
-fn read_committed(bootstrap: &str, topic: &str, f: &mut dyn FnMut(&[u8])) -> Result<(), String> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "crash-harness-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(|e| format!("a reader of {topic}: {e}"))?;
-    let timeout = Duration::from_secs(10);
-    let md = c
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
-    let parts: Vec<i32> = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    let mut tpl = TopicPartitionList::new();
-    let mut open = 0;
-    for p in parts {
-        let (lo, hi) = c
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| format!("offsets of {topic}: {e}"))?;
-        if hi > lo {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .map_err(|e| e.to_string())?;
-            open += 1;
-        }
-    }
-    if open == 0 {
-        return Ok(());
-    }
-    c.assign(&tpl).map_err(|e| e.to_string())?;
-    let t0 = std::time::Instant::now();
-    while open > 0 {
-        if t0.elapsed() > Duration::from_secs(120) {
-            return Err(format!("reading {topic} did not reach its end in 120 s"));
-        }
-        match c.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => open -= 1,
-            Some(Err(e)) => return Err(format!("reading {topic}: {e}")),
-            Some(Ok(m)) => f(m.payload().unwrap_or_default()),
-        }
-    }
-    Ok(())
 }
