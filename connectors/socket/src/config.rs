@@ -251,6 +251,9 @@ mod tests {
         assert_eq!(c.read_buffer_bytes, 1 << 20);
         assert_eq!((c.reconnect_initial_ms, c.reconnect_max_ms), (100, 10_000));
         assert_eq!((c.records_per_store, c.max_in_flight), (10_000, 64));
+        assert_eq!(c.max_connections_per_peer, 0);
+        assert_eq!(c.first_bytes_timeout_ms, 10_000);
+        assert!(c.allow.is_empty() && c.tls.is_none());
         SocketConfig::connect("localhost:7").validate().unwrap();
         SocketConfig::listen("[::1]:0", Protocol::Frames)
             .validate()
@@ -269,6 +272,16 @@ mod tests {
         assert_eq!(c.max_in_flight, 64);
         let e = serde_json::from_str::<SocketConfig>(r#"{"adress": "x:1"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `adress`"), "{e}");
+        let c: SocketConfig = serde_json::from_str(
+            r#"{"allow": ["10.0.0.0/8"], "tls": {"cert_file": "c.pem", "key_file": "k.pem"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.allow, ["10.0.0.0/8"]);
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file.to_str(), Some("c.pem"));
+        assert!(tls.client_ca_file.is_none());
+        let e = serde_json::from_str::<SocketConfig>(r#"{"tls": {"cert": "c.pem"}}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `cert`"), "{e}");
         let e = serde_json::from_str::<SocketConfig>(r#"{"protocol": "json"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown variant `json`"), "{e}");
         let back: SocketConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();

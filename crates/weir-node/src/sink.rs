@@ -357,4 +357,31 @@ mod tests {
         let e = PullSinkConfig::parse("[pul]\n").unwrap_err();
         assert!(e.contains("pul"), "{e}");
     }
+
+    #[test]
+    fn listener_keys_on_both_sides_and_tls_paths_relative_to_the_file() {
+        let c = PullSinkConfig::parse(
+            "[push]\nallow = [\"10.0.0.0/8\"]\nfirst_bytes_timeout_ms = 500\n\
+             [pull]\nmax_connections_per_peer = 2\n",
+        )
+        .unwrap();
+        assert_eq!(c.push.allow, ["10.0.0.0/8"]);
+        assert_eq!(c.push.first_bytes_timeout_ms, 500);
+        assert_eq!(c.pull.max_connections_per_peer, 2);
+        let e = PullSinkConfig::parse("[pull]\nallow = [\"nonsense\"]\n").unwrap_err();
+        assert!(e.contains("[pull]") && e.contains("`allow`[0]"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sink.toml");
+        std::fs::write(
+            &file,
+            "[pull.tls]\ncert_file = \"certs/server.pem\"\nkey_file = \"certs/server.key\"\n",
+        )
+        .unwrap();
+        let e = PullSinkConfig::load(&file).unwrap_err();
+        let expected = dir.path().join("certs/server.pem");
+        assert!(
+            e.contains("[pull]") && e.contains(&format!("{:?}", expected.display().to_string())),
+            "{e}"
+        );
+    }
 }

@@ -154,6 +154,11 @@ mod tests {
             serde_json::from_str(r#"{"address": "0.0.0.0:4141", "deflate": true}"#).unwrap();
         assert!(c.deflate);
         assert_eq!(c.max_events_per_batch, 10_000);
+        assert_eq!(
+            (c.first_bytes_timeout_ms, c.max_connections_per_peer),
+            (10_000, 0)
+        );
+        assert!(c.allow.is_empty() && c.tls.is_none());
         let e =
             serde_json::from_str::<FlumeSourceConfig>(r#"{"compression": "deflate"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `compression`"), "{e}");
@@ -174,5 +179,6 @@ mod tests {
         bad(|c| c.max_events_per_batch = 0, "max_events_per_batch");
         bad(|c| c.max_connections = 0, "max_connections");
         bad(|c| c.max_in_flight = 0, "max_in_flight");
+        bad(|c| c.allow = vec!["x".into()], "allow");
     }
 }
