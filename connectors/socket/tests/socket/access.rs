@@ -375,3 +375,70 @@ async fn bad_tls_files_are_named_by_validate() {
         &["`tls.client_ca_file`", "no certificate"],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_producer_over_tls_with_a_client_certificate_gets_every_record_durable() {
+    // Python's ssl module (OpenSSL) as the client: another TLS implementation than the server's.
+    let scratch = Scratch::new("socket-tls-python");
+    let pki = TestPki::create(&scratch.path().join("pki"));
+    let host = RecordingHost::new();
+    let r = start(
+        SocketConfig {
+            records_per_store: 100,
+            ..tls_config(&pki, true)
+        },
+        host.clone(),
+    )
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/frames_producer.py");
+    let args: Vec<String> = vec![
+        script.into(),
+        "127.0.0.1".into(),
+        r.addr().port().to_string(),
+        "--tls-ca".into(),
+        pki.ca.display().to_string(),
+        "--tls-cert".into(),
+        pki.client_cert.display().to_string(),
+        "--tls-key".into(),
+        pki.client_key.display().to_string(),
+    ];
+    let input: String = (0..1000).map(|i| format!("py-{i}\n")).collect();
+    let out = tokio::time::timeout(
+        SOON,
+        tokio::task::spawn_blocking(move || {
+            let mut child = std::process::Command::new("python3")
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .args(&args)
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3 runs (apt-get install python3)");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }),
+    )
+    .await
+    .expect("the producer finishes")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("1000 records durable"), "{stderr}");
+    let durable = host.durable();
+    assert_eq!(durable.len(), 1000, "one connection, nothing resent");
+    assert_eq!(durable[999], "py-999");
+    assert_eq!(
+        r.receiver
+            .stats()
+            .listener()
+            .tls_handshake_failures
+            .load(Relaxed),
+        0
+    );
+    r.stop().await.0.unwrap();
+}
