@@ -334,4 +334,83 @@ mod real_flume_tls {
             counters.0.get(SINK_COUNTERS)
         );
     }
+
+    /// The same agent over TLS into `receiver-node sink`'s push port (`[push.tls]`, `allow`),
+    /// whose pull port is TLS too: every event queued, none refused.
+    #[test]
+    fn a_flume_agent_pushes_every_event_over_tls_into_a_pull_sink() {
+        let scratch = Scratch::new("real-flume-tls-sink");
+        let pki = TestPki::create(&scratch.path().join("pki"));
+        let truststore = pki.java_truststore("PKCS12");
+        let (push, pull, mport) = (free_port(), free_port(), free_port());
+        let tls = format!(
+            "cert_file = {:?}\nkey_file = {:?}\n",
+            pki.server_cert, pki.server_key
+        );
+        let config = scratch.path().join("sink.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n\
+                 [push]\naddress = \"127.0.0.1:{push}\"\nallow = [\"127.0.0.0/8\"]\n\
+                 [push.tls]\n{tls}\
+                 [pull]\naddress = \"127.0.0.1:{pull}\"\n[pull.tls]\n{tls}\
+                 [metrics]\naddress = \"127.0.0.1:{mport}\"\n",
+                scratch.path().join("data").display().to_string()
+            ),
+        )
+        .unwrap();
+        let _sink = Node::start("sink", &config, Some(&scratch.path().join("sink.log")));
+        wait_healthy(mport);
+        let total = 5_000;
+        let agent = FlumeAgent::start(
+            Dist::Flume,
+            &avro_sink_agent_tls(
+                SeqSource {
+                    total_events: total,
+                    batch_size: 250,
+                },
+                push,
+                250,
+                &truststore,
+                "PKCS12",
+                TRUSTSTORE_PASSWORD,
+            ),
+        );
+        wait_until(
+            "the agent delivers every event",
+            Duration::from_secs(120),
+            || {
+                agent
+                    .counters()
+                    .get(SINK_COUNTERS, "EventDrainSuccessCount")
+                    >= total
+            },
+        );
+        assert_eq!(
+            metric(mport, "weir_flume_events_durable_total"),
+            Some(total)
+        );
+        assert_eq!(
+            metric(mport, "weir_flume_tls_handshake_failures_total"),
+            Some(0)
+        );
+        assert_eq!(
+            metric(mport, "weir_flume_connections_refused_not_allowed_total"),
+            Some(0)
+        );
+        // Plain text on the TLS pull port: refused and counted.
+        let mut plain = TcpStream::connect(("127.0.0.1", pull)).unwrap();
+        plain
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = plain.write_all(b"\0\0\0\x01\0\0\0\x01\0\0\0\0");
+        let mut rest = Vec::new();
+        let _ = plain.read_to_end(&mut rest);
+        wait_until(
+            "the pull port counts the failed handshake",
+            Duration::from_secs(10),
+            || metric(mport, "weir_sink_pull_tls_handshake_failures_total") == Some(1),
+        );
+    }
 }
