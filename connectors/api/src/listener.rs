@@ -224,7 +224,8 @@ pub struct ListenerStats {
     pub first_bytes_timeouts: AtomicU64,
 }
 
-/// The metric names a connector reports [`ListenerStats`] under; see [`listener_metric_names`].
+/// The metric names a connector reports [`ListenerStats`] under; see
+/// [`listener_metric_names!`](crate::listener_metric_names).
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerMetricNames {
     /// For [`ListenerStats::evicted`].

@@ -7,7 +7,9 @@
 //!   records, and reconnects with exponential backoff whenever the connection fails or ends. Plain
 //!   TCP has no way to acknowledge: what was read is stored, but the source never learns it, so a
 //!   crash of the node loses what was read and not yet durable.
-//! - **listen**: accepts up to `max_connections` producers, one task each, speaking either
+//! - **listen**: accepts up to `max_connections` producers (at the limit the connection idle the
+//!   longest makes room; `allow`, `first_bytes_timeout_ms`, `max_connections_per_peer` and TLS
+//!   through [`weir_receiver::listener`]), one task each, speaking either
 //!   - `lines`: newline-delimited records, no acknowledgements (at most once across a crash), or
 //!   - `frames`: `len: u32 BE | payload` records; the receiver writes back the connection's
 //!     cumulative count of durable records as a `u64` BE, only after the records are durable. A
