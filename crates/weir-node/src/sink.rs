@@ -101,10 +101,9 @@ impl PullSinkConfig {
     /// `[pull.tls]` files are relative to the file's directory.
     ///
     /// # Errors
-    /// A message naming the file, or the section and key.
+    /// A message naming the section and key (the caller names the file).
     pub fn load(path: &std::path::Path) -> Result<PullSinkConfig, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
         let base = path.parent().unwrap_or(std::path::Path::new(""));
         for side in ["push", "pull"] {

@@ -181,6 +181,7 @@ mod tests {
             Box::new(weir_flume::FlumePullStats::default()),
             Box::new(weir_flume::sink_server::PullServerStats::default()),
             Box::new(weir_flume::sink_queue::QueueStats::default()),
+            Box::new(weir_flume::sink_queue::Occupancy::default()),
         ];
         for s in &sources {
             names.extend(stat_names(s.as_ref()).into_iter().map(str::to_string));

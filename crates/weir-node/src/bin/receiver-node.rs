@@ -343,12 +343,10 @@ fn run_node(file: Option<&std::path::Path>) -> ExitCode {
 }
 
 fn run_sink(file: &std::path::Path) -> ExitCode {
-    let config = match std::fs::read_to_string(file)
+    // TLS file paths relative to the file, as a node's are.
+    let config = match weir_node::sink::PullSinkConfig::load(file)
         .map_err(|e| format!("{}: {e}", file.display()))
-        .and_then(|t| {
-            weir_node::sink::PullSinkConfig::parse(&t)
-                .map_err(|e| format!("{}: {e}", file.display()))
-        }) {
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("receiver-node: configuration error: {e}");
