@@ -367,6 +367,10 @@ impl<'a> Conn<'a> {
                     }
                     Err(e) => return match closed_by_gate(&e) {
                         Some(why) => End::Gate(why),
+                        // A TLS peer that closed without close_notify (most clients do) at a
+                        // record boundary: nothing was cut short, an ordinary end.
+                        None if e.kind() == std::io::ErrorKind::UnexpectedEof
+                            && self.buf.is_empty() => End::Eof,
                         None => End::ReadFailed(e),
                     },
                 },
