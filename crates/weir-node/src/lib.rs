@@ -50,12 +50,15 @@ pub fn init_logging(log: &config::LogConfig) {
     };
 }
 
-/// Builds the streaming context for `config`: its receivers, and one job per output.
+/// Builds the streaming context for `config`: its receivers, and one job per output (returned
+/// too, in the configuration's order, for the status page).
 ///
 /// # Errors
 /// [`NodeError::Startup`] if a receiver refuses its configuration, [`NodeError::Config`] if an
 /// output does.
-pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
+pub fn context(
+    config: &NodeConfig,
+) -> Result<(StreamingContext, Vec<Arc<output::Output>>), NodeError> {
     // The identity first: every `dir` output claims it before it writes anything, and a node
     // whose id another data directory already claimed there does not start.
     let identity = loop {
@@ -83,6 +86,7 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
             .map_err(NodeError::Startup)?;
     }
     // Every output is built here, once (a Kafka output's producer lives as long as the node).
+    let mut outputs = Vec::new();
     for (i, o) in config.outputs.iter().enumerate() {
         let out = output::Output::new(o, i + 1)
             .map_err(|e| NodeError::Config(format!("[[output]] #{}: {e}", i + 1)))?
@@ -107,13 +111,14 @@ pub fn context(config: &NodeConfig) -> Result<StreamingContext, NodeError> {
         }
         let name = format!("output {} ({})", i + 1, out.describe());
         let out = Arc::new(out);
+        outputs.push(out.clone());
         ctx.add_metrics(stats::output(i + 1, out.clone()));
         ctx.foreach_batch(name, move |batch| {
             out.write(batch)
                 .map_err(|e| Box::new(e) as weir::stream::JobError)
         });
     }
-    Ok(ctx)
+    Ok((ctx, outputs))
 }
 
 /// What `run` and `run_sink` share: the signal handlers and, when enabled, the HTTP endpoint.
@@ -192,15 +197,17 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     );
     // Recovery waits for disk space rather than failing on a full disk; a signal meanwhile
     // ends the wait (nothing was acknowledged yet in this run, and the WAL is as it was).
+    let (ctx, outputs) = context(&config)?;
     let running = tokio::select! {
-        r = context(&config)?.start() => r?,
+        r = ctx.start() => r?,
         signal = signals.next() => {
             tracing::info!(signal, "signal during recovery: exiting");
             return Ok(());
         }
     };
     let info = status::NodeInfo::new(&config, running.node_id().to_string());
-    lock(&status).metrics = Some(Arc::new(status::NodeStatus::new(running.metrics(), info)));
+    let node_status = status::NodeStatus::new(running.metrics(), info, outputs);
+    lock(&status).metrics = Some(Arc::new(node_status));
     tracing::info!("ready");
     let mut check = tokio::time::interval(Duration::from_millis(200));
     let signal_name = loop {

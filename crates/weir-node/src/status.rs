@@ -279,17 +279,35 @@ pub struct NodeStatus {
     registry: MetricsRegistry,
     info: NodeInfo,
     rates: RateWindow,
+    /// The outputs, in the configuration's order (their last errors).
+    outputs: Vec<std::sync::Arc<crate::output::Output>>,
 }
 
 impl NodeStatus {
-    /// The status of the engine whose metrics are `registry`.
-    pub fn new(registry: MetricsRegistry, info: NodeInfo) -> NodeStatus {
+    /// The status of the engine whose metrics are `registry`, with its `outputs`.
+    pub fn new(
+        registry: MetricsRegistry,
+        info: NodeInfo,
+        outputs: Vec<std::sync::Arc<crate::output::Output>>,
+    ) -> NodeStatus {
         NodeStatus {
             registry,
             info,
             rates: RateWindow::default(),
+            outputs,
         }
     }
+}
+
+/// A last error as JSON (`at_ms`, `ago_s`, `message`), or null.
+fn incident(e: Option<weir::stream::ReceiverIncident>, now: u64) -> Value {
+    e.map_or(Value::Null, |e| {
+        json!({
+            "at_ms": e.at_ms,
+            "ago_s": now.saturating_sub(e.at_ms) / 1000,
+            "message": e.message,
+        })
+    })
 }
 
 /// `value` rounded to three decimals (JSON numbers people read).
@@ -406,11 +424,7 @@ impl NodeStatus {
                     "store_failures": m.store_failures(),
                     "restarts": m.restarts(),
                     "errors": m.errors_reported(),
-                    "last_error": last_error.map(|e| json!({
-                        "at_ms": e.at_ms,
-                        "ago_s": now.saturating_sub(e.at_ms) / 1000,
-                        "message": e.message,
-                    })),
+                    "last_error": incident(last_error, now),
                     "figures": figures(samples, "receiver", name, &["weir_receiver_"]),
                 })
             })
@@ -438,6 +452,10 @@ impl NodeStatus {
                     "last_write_ms": number(v("weir_output_last_write_ms")),
                     "write_p50_ms": p50,
                     "write_p99_ms": p99,
+                    "last_error": incident(
+                        self.outputs.get(i).and_then(|o| o.stats().last_error()),
+                        now,
+                    ),
                     "records_per_s": self.rates
                         .rate(&format!("weir_output_records_total{{output=\"{position}\"}}"))
                         .map_or(Value::Null, round),
@@ -691,10 +709,6 @@ pub fn render_text(doc: &Value) -> String {
     .map(String::from)
     .to_vec()];
     for r in doc["receivers"].as_array().into_iter().flatten() {
-        let err = match &r["last_error"] {
-            Value::Null => "-".to_string(),
-            e => format!("{} s ago: {}", s(&e["ago_s"]), s(&e["message"])),
-        };
         rows.push(vec![
             s(&r["name"]),
             s(&r["type"]),
@@ -703,7 +717,7 @@ pub fn render_text(doc: &Value) -> String {
             s(&r["bytes_per_s"]),
             s(&r["records_stored"]),
             s(&r["restarts"]),
-            err,
+            last_error(&r["last_error"]),
         ]);
     }
     out.push('\n');
@@ -728,6 +742,7 @@ pub fn render_text(doc: &Value) -> String {
             s(&o["dead_letters"]),
             s(&o["last_write_ms"]),
             s(&o["write_p99_ms"]),
+            last_error(&o["last_error"]),
         ]);
     }
     out.push('\n');
@@ -778,6 +793,18 @@ fn table(out: &mut String, rows: &[Vec<String>]) {
             }
         }
         let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+/// A last error (`ago_s`, `message`) as `N s ago: message`, or `-`.
+fn last_error(e: &Value) -> String {
+    match e {
+        Value::Null => "-".to_string(),
+        e => format!(
+            "{} s ago: {}",
+            e["ago_s"],
+            e["message"].as_str().unwrap_or_default()
+        ),
     }
 }
 
@@ -845,7 +872,7 @@ mod tests {
         for (i, o) in outputs.iter().enumerate() {
             registry.add_stats(crate::stats::output(i + 1, o.clone()));
         }
-        outputs[1].stats().failed();
+        outputs[1].stats().failed("the destination is on fire");
         let _ = metrics.receiver("in");
         let info = NodeInfo {
             node_id: "n1".into(),
@@ -854,7 +881,7 @@ mod tests {
             outputs: vec![("discard".into(), "discard".into()); 2],
             replication: Some("object_store".into()),
         };
-        let status = NodeStatus::new(registry, info);
+        let status = NodeStatus::new(registry, info, outputs.clone());
         let doc = crate::http::StatusSource::status(&status);
         assert_eq!(doc["mode"], "run");
         assert_eq!(doc["node_id"], "n1");
@@ -866,6 +893,11 @@ mod tests {
         assert_eq!(doc["outputs"][0]["state"], "ok");
         assert_eq!(doc["outputs"][1]["state"], "failing");
         assert_eq!(doc["outputs"][1]["failures"], 1);
+        assert_eq!(
+            doc["outputs"][1]["last_error"]["message"],
+            "the destination is on fire"
+        );
+        assert_eq!(doc["outputs"][0]["last_error"], Value::Null);
         assert_eq!(doc["replication"]["kind"], "object_store");
         assert_eq!(doc["replication"]["weir_replica_epoch"], 0);
         let mut with_health = doc.clone();

@@ -74,7 +74,8 @@ const READ_PAGE: &str = r#"(() => {
       name: r.dataset.name, state: r.querySelector('.state').textContent.trim(),
       error: r.querySelector('.error').textContent })),
     outputs: [...document.querySelectorAll('#outputs tbody tr')].map((r) => ({
-      position: +r.dataset.position, state: r.querySelector('.state').textContent.trim() })),
+      position: +r.dataset.position, state: r.querySelector('.state').textContent.trim(),
+      error: r.querySelector('.error').textContent })),
   };
 })()"#;
 
@@ -246,9 +247,23 @@ fn real_browser_status_page_shows_live_batches_every_receiver_and_a_failing_outp
     page.assert_clean("the status page with a failing output");
     let outputs = page.result["outputs"].as_array().unwrap().clone();
     assert_eq!(outputs[0]["state"], "failing", "{outputs:?}");
+    assert!(
+        outputs[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ago: ")),
+        "the page shows why: {outputs:?}"
+    );
     assert_eq!(outputs[1]["state"], "ok", "{outputs:?}");
     let doc = status(mport);
     assert!(doc["outputs"][0]["failures"].as_u64() > Some(0), "{doc}");
+    let why = doc["outputs"][0]["last_error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains(&out.display().to_string()),
+        "the error names the path: {doc}"
+    );
+    assert_eq!(doc["outputs"][1]["last_error"], Value::Null);
     let (code, text) = status_command(mport, &[]);
     assert_eq!(code, 1, "a failing output is not healthy:\n{text}");
     assert!(text.contains("failing"), "{text}");

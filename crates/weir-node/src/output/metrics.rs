@@ -52,6 +52,8 @@ pub struct OutputStats {
     pub last_write_ms: AtomicU64,
     /// `weir_output_write_seconds`: successful writes of non-empty batches.
     pub write_seconds: Arc<Histogram>,
+    /// The last failed write's error and when (for the status page; not a metric).
+    last_error: std::sync::Mutex<Option<weir::stream::ReceiverIncident>>,
 }
 
 impl Default for OutputStats {
@@ -66,6 +68,7 @@ impl Default for OutputStats {
             failing: AtomicU64::new(0),
             last_write_ms: AtomicU64::new(0),
             write_seconds: Arc::new(weir::stream::metrics::latency_histogram()),
+            last_error: std::sync::Mutex::default(),
         }
     }
 }
@@ -88,10 +91,19 @@ impl OutputStats {
         }
     }
 
-    /// Counts a failed write.
-    pub fn failed(&self) {
+    /// Counts a failed write, and remembers why.
+    pub fn failed(&self, error: &str) {
         self.failures.fetch_add(1, Relaxed);
         self.failing.store(1, Relaxed);
+        *weir_receiver::lock(&self.last_error) = Some(weir::stream::ReceiverIncident {
+            at_ms: crate::status::now_ms(),
+            message: error.to_string(),
+        });
+    }
+
+    /// The last failed write's error and when, if a write ever failed.
+    pub fn last_error(&self) -> Option<weir::stream::ReceiverIncident> {
+        weir_receiver::lock(&self.last_error).clone()
     }
 }
 

@@ -441,7 +441,7 @@ impl Output {
                 Ok(())
             }
             Err(e) => {
-                self.stats.failed();
+                self.stats.failed(&e.to_string());
                 Err(e)
             }
         }

@@ -131,7 +131,7 @@ metric_set! {
     }
 }
 
-/// A receiver's last error and when it happened.
+/// A receiver's (or an output's) last error and when it happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiverIncident {
     /// When, ms since the epoch.
