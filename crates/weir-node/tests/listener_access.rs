@@ -302,20 +302,7 @@ mod real_flume_tls {
                 TRUSTSTORE_PASSWORD,
             ),
         );
-        let t0 = Instant::now();
-        while agent
-            .counters()
-            .get(SINK_COUNTERS, "EventDrainSuccessCount")
-            < total
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "the agent did not deliver {total} events over TLS: {:?}\n{}",
-                agent.counters(),
-                agent.log_tail(40)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        agent.wait_drained(total, Duration::from_secs(120));
         let counters = agent.counters();
         assert_eq!(counters.get(SOURCE_COUNTERS, "EventAcceptedCount"), total);
         wait_until(
@@ -377,16 +364,7 @@ mod real_flume_tls {
                 TRUSTSTORE_PASSWORD,
             ),
         );
-        wait_until(
-            "the agent delivers every event",
-            Duration::from_secs(120),
-            || {
-                agent
-                    .counters()
-                    .get(SINK_COUNTERS, "EventDrainSuccessCount")
-                    >= total
-            },
-        );
+        agent.wait_drained(total, Duration::from_secs(120));
         assert_eq!(
             metric(mport, "weir_flume_events_durable_total"),
             Some(total)

@@ -100,24 +100,6 @@ mod real_flume {
         }
     }
 
-    /// Waits until the agent's sink has had `target` events accepted downstream.
-    fn wait_drained(agent: &FlumeAgent, target: u64) {
-        let t0 = Instant::now();
-        while agent
-            .counters()
-            .get(SINK_COUNTERS, "EventDrainSuccessCount")
-            < target
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(90),
-                "the agent's sink did not deliver {target} events: {:?}\n{}",
-                agent.counters(),
-                agent.log_tail(30)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// Waits until the agent's Avro sink has been refused a connection more than `before`
     /// times: it tried the node (or sink) while that was down.
     fn wait_refused(agent: &FlumeAgent, before: u64) -> Duration {
@@ -161,7 +143,7 @@ mod real_flume {
         let mut agent = FlumeAgent::start(Dist::Flume, &avro_sink_agent(seq, port, batch, deflate));
         let mut down = Duration::ZERO;
         for k in 1..=kills {
-            wait_drained(&agent, total * k / (kills + 1));
+            agent.wait_drained(total * k / (kills + 1), Duration::from_secs(90));
             let before = agent.counters();
             kill9(node);
             let refused = before.get(SINK_COUNTERS, "ConnectionFailedCount");
@@ -373,7 +355,7 @@ mod real_flume {
         let agent = FlumeAgent::start(Dist::Flume, &avro_sink_agent(seq, push_port, 100, false));
         let mut recovered = 0;
         for k in 1..=kills {
-            wait_drained(&agent, total * k / (kills + 1));
+            agent.wait_drained(total * k / (kills + 1), Duration::from_secs(90));
             let before = agent.counters();
             kill9(sink);
             let waited = wait_refused(&agent, before.get(SINK_COUNTERS, "ConnectionFailedCount"));

@@ -208,3 +208,48 @@ impl TestPki {
         path
     }
 }
+
+/// A TLS client connection to `addr` trusting the CA certificates in `ca`, presenting `client`
+/// (certificate, key) when given; the server name checked is `127.0.0.1`.
+///
+/// # Errors
+/// Connecting or the handshake failed (a refused client certificate shows here or at the
+/// first read, as TLS 1.3 allows).
+pub async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("the CA file") {
+        roots
+            .add(c.expect("a CA certificate"))
+            .expect("a usable CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)
+                    .expect("the client certificate file")
+                    .map(|c| c.expect("a client certificate"))
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).expect("the client key"),
+            )
+            .expect("a client certificate and its key"),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            ServerName::try_from("127.0.0.1").expect("a server name"),
+            tcp,
+        )
+        .await
+}

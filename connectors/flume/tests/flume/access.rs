@@ -2,8 +2,6 @@
 //! client certificates), `allow`, eviction of the idlest connection at `max_connections`, the
 //! first-bytes timeout. Rust-side clients (the crate's requestor over TLS).
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,45 +18,10 @@ use weir_flume::spark::{encode_get_event_batch, EventBatch, GET_EVENT_BATCH, SPA
 use weir_flume::FlumeSourceConfig;
 use weir_receiver::listener::TlsConfig;
 use weir_receiver::{shutdown_channel, Record};
-use weir_testkit::tls::TestPki;
+use weir_testkit::tls::{tls_connect, TestPki};
 use weir_testkit::{wait_until_async, RecordingHost, Scratch};
 
 use crate::common::{events, start, Client, SOON};
-
-/// A TLS connection trusting `ca`, presenting `client` (certificate, key) if given.
-async fn tls_connect(
-    addr: SocketAddr,
-    ca: &Path,
-    client: Option<(&Path, &Path)>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match client {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(cert)
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_file(key).unwrap(),
-            )
-            .unwrap(),
-    };
-    let tcp = TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-}
 
 /// An Avro IPC client over any stream (TLS here).
 struct AnyClient<S> {

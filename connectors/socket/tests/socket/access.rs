@@ -2,7 +2,6 @@
 //! `max_connections`, the first-bytes timeout, `allow`, TLS (with and without client
 //! certificates).
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir_receiver::listener::TlsConfig;
 use weir_socket::{Protocol, SocketConfig};
-use weir_testkit::tls::TestPki;
+use weir_testkit::tls::{tls_connect, TestPki};
 use weir_testkit::{wait_until_async, RecordingHost, Scratch};
 
 use crate::common::{frame, start, Event, SOON};
@@ -206,41 +205,6 @@ async fn a_peer_outside_allow_is_closed_at_once_and_counted() {
     assert_eq!(p.acks_until(1).await, [1]);
     assert_eq!(host.received(), ["allowed"]);
     r.stop().await.0.unwrap();
-}
-
-/// A TLS client trusting `ca`, presenting `client` (certificate, key) if given.
-async fn tls_connect(
-    addr: SocketAddr,
-    ca: &std::path::Path,
-    client: Option<(&std::path::Path, &std::path::Path)>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match client {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(cert)
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_file(key).unwrap(),
-            )
-            .unwrap(),
-    };
-    let tcp = TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
 }
 
 /// Sends one frame and waits for its acknowledgement.

@@ -328,6 +328,21 @@ impl FlumeAgent {
         })
     }
 
+    /// Waits until the agent's sink ([`SINK_COUNTERS`]) has had `target` events accepted
+    /// downstream; panics after `timeout` with the counters and the log's tail.
+    pub fn wait_drained(&self, target: u64, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.counters().get(SINK_COUNTERS, "EventDrainSuccessCount") < target {
+            assert!(
+                t0.elapsed() < timeout,
+                "the agent's sink did not deliver {target} events within {timeout:?}: {:?}\n{}",
+                self.counters(),
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The agent's counters, or `None` when the HTTP request fails.
     pub fn try_counters(&self) -> Option<Counters> {
         let mut s = TcpStream::connect(("127.0.0.1", self.monitoring_port)).ok()?;
