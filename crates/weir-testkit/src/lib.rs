@@ -104,13 +104,22 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     bin
 }
 
-/// A port free on 127.0.0.1 at the time of asking.
+/// A port free on 127.0.0.1 at the time of asking, and never handed out before in this
+/// process: a peer stopped by one test (a killed broker, to be restarted on its port) does not
+/// have its port given to a test running beside it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("binding 127.0.0.1:0")
-        .local_addr()
-        .expect("a bound socket's address")
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("binding 127.0.0.1:0")
+            .local_addr()
+            .expect("a bound socket's address")
+            .port();
+        if weir_receiver::lock(&GIVEN).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it holds; panics naming `what` after `timeout`.
